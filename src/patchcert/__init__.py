@@ -1,0 +1,39 @@
+"""patchcert: provable robustness of image classifiers to adversarial patches.
+
+Pipeline: image -> model (region scorer, ``model.score_map``) -> score map ``[N, K, H, W]``
+-> defense (``predict`` / ``certify``) -> per-example records -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import CheckpointError, DataError, PatchcertError
+from .geometry import Geometry, PatchSpec, feature_window, parse_patch, patch_windows
+from .models import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "PatchcertError",
+    "CheckpointError",
+    "DataError",
+    "Geometry",
+    "PatchSpec",
+    "parse_patch",
+    "feature_window",
+    "patch_windows",
+    "create_model",
+    "list_models",
+    "register_model",
+]
+
+try:  # the certification core; present once patchcert.defenses is built
+    from .defenses import create_defense, list_defenses  # noqa: F401
+
+    __all__ += ["create_defense", "list_defenses"]
+except ImportError:  # pragma: no cover
+    pass

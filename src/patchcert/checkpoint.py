@@ -1,0 +1,198 @@
+"""Checkpoints: safetensors weights with the JSON metadata in the file's own header.
+
+A checkpoint is one ``.safetensors`` file whose header metadata key ``"patchcert"``
+holds JSON: architecture, config, geometry, classes, normalisation, data, epoch,
+metrics, versions. A copy of that JSON is written beside it (``<name>.json``) for
+people; loading reads only the safetensors file. Nothing is ever unpickled; legacy
+``.pth``/``.pt`` files go through ``torch.load(weights_only=True)`` only.
+
+Writes are atomic (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "read_metadata",
+    "file_sha256",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "versions",
+    "save_tensors",
+    "load_tensors",
+]
+
+META_KEY = "patchcert"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"patchcert": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Atomically write tensors + JSON metadata as one safetensors file."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    blob = save(flat, metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file written by :func:`save_tensors`; clear error on anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file has no patchcert metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt patchcert metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: patchcert metadata is not a JSON object")
+    return tensors, meta
+
+
+def model_metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    meta = {
+        "format": FORMAT_VERSION,
+        "arch": getattr(model, "arch", type(model).__name__),
+        "config": dict(getattr(model, "config", {})),
+        "num_classes": int(getattr(model, "num_classes", 0)),
+        "geometry": model.geometry.to_dict() if hasattr(model, "geometry") else None,
+        "normalization": {
+            "mean": [float(v) for v in model.mean.flatten()] if hasattr(model, "mean") else None,
+            "std": [float(v) for v in model.std.flatten()] if hasattr(model, "std") else None,
+        },
+        "versions": versions(),
+    }
+    meta.update(extra)
+    return meta
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, write_json: bool = True, **meta: Any) -> dict[str, Any]:
+    """Save model weights + metadata (``classes``, ``data``, ``epoch``, ``metrics``, ...)."""
+    md = model_metadata(model, **meta)
+    save_tensors(path, model.state_dict(), md)
+    if write_json:
+        atomic_write_text(Path(path).with_suffix(".json"), json.dumps(md, indent=2, sort_keys=True) + "\n")
+    return md
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    return load_tensors(path)[1]
+
+
+def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: refused to load (only plain tensor state dicts are accepted; {type(e).__name__})"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict + metadata of a checkpoint (safetensors; ``.pth`` via weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
+        return _load_legacy(path), {}
+    return load_tensors(path)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a registered model from a patchcert checkpoint, in eval mode."""
+    from .models import create_model
+
+    state, meta = load_checkpoint(path)
+    arch = meta.get("arch")
+    if not arch:
+        raise CheckpointError(f"{path}: checkpoint metadata names no architecture")
+    cfg = meta.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: checkpoint config is not an object")
+    try:
+        model = create_model(arch, num_classes=int(meta.get("num_classes") or 10), **cfg)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build {arch!r} from its metadata ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not match {arch!r} ({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model.checkpoint_meta = meta  # type: ignore[attr-defined]
+    model.checkpoint_path = str(path)  # type: ignore[attr-defined]
+    return model.to(device).eval()

@@ -1,0 +1,63 @@
+"""Command line: thin verbs over the library. ``patchcert <verb> --help``.
+
+Each verb lives in its own module ``patchcert.cli.<verb>`` with ``register(subparsers)``
+(which sets ``func``). Every user error ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+VERBS = ["models", "train", "certify", "attack", "report", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="patchcert", description="Certified robustness to adversarial patches.")
+    p.add_argument("--version", action="version", version=f"patchcert {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb in VERBS:
+        try:
+            mod = importlib.import_module(f".{verb}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{verb}":
+                continue  # verb not built yet
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import PatchcertError
+    from ..runtime import tune_allocator
+
+    tune_allocator()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        rc = args.func(args)
+    except PatchcertError as e:
+        print(f"patchcert {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"patchcert {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"patchcert {args.verb}: interrupted (finished work is saved; rerun with --resume)", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

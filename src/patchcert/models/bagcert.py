@@ -1,0 +1,156 @@
+"""BagCert region scorers (Metzen & Yatsura, ICLR 2021, Appendix A.1).
+
+A 3x3 stem and 8 residual blocks, each of kernel size 1 or 3 (the paper's tables choose
+the receptive field), no global pooling, and a 1x1 convolution to K class scores at
+every location. With ``shake=True`` every block has two residual paths combined by
+batch-wise shake-shake; in kernel-3 blocks one path is 3x3-then-1x1 and the other
+1x1-then-3x3 (same receptive field, more diverse paths).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import PatchcertError
+from .base import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ScoreMapModel, trace_geometry
+from .registry import register_model
+
+__all__ = ["BagCertNet", "CIFAR_KERNELS", "IMAGENET_KERNELS", "bagcert_cifar", "bagcert_imagenet"]
+
+# receptive field -> kernel sizes of (stem, b1..b8)
+CIFAR_KERNELS: dict[int, tuple[int, ...]] = {
+    5: (3, 3, 1, 1, 1, 1, 1, 1, 1),
+    7: (3, 3, 1, 3, 1, 1, 1, 1, 1),
+    9: (3, 3, 1, 3, 1, 3, 1, 1, 1),
+    11: (3, 3, 1, 3, 1, 3, 1, 3, 1),
+    13: (3, 3, 3, 3, 1, 3, 1, 3, 1),
+}
+IMAGENET_KERNELS: dict[int, tuple[int, ...]] = {
+    17: (3, 3, 1, 3, 1, 3, 1, 1, 1),
+    25: (3, 3, 1, 3, 1, 3, 1, 3, 1),
+    29: (3, 3, 3, 3, 1, 3, 1, 3, 1),
+}
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+def _path(cin: int, cout: int, k1: int, k2: int, stride: int) -> nn.Sequential:
+    # the stride sits on the 3x3 convolution (on the first conv if both are 1x1)
+    s1, s2 = (stride, 1) if (k1 >= k2) else (1, stride)
+    return nn.Sequential(*_conv_bn(cin, cout, k1, s1), nn.ReLU(inplace=True), *_conv_bn(cout, cout, k2, s2))
+
+
+class _ShakeShake(torch.autograd.Function):
+    """Batch-wise shake-shake: forward mixes with alpha, backward with an independent beta."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(beta)
+        return alpha * a + (1 - alpha) * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (beta,) = ctx.saved_tensors
+        return beta * g, (1 - beta) * g, None, None
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, shake: bool = False) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.shake = kernel, stride, shake
+        self.path1 = _path(cin, cout, kernel, 1, stride)
+        self.path2 = _path(cin, cout, 1, kernel, stride) if shake else None
+        self.shortcut: nn.Module
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.path1(x)
+        if self.path2 is not None:
+            r2 = self.path2(x)
+            if self.training:
+                alpha = torch.rand((), device=x.device, dtype=r.dtype)
+                beta = torch.rand((), device=x.device, dtype=r.dtype)
+                r = _ShakeShake.apply(r, r2, alpha, beta)
+            else:
+                r = 0.5 * (r + r2)
+        return self.relu(self.shortcut(x) + r)
+
+
+class BagCertNet(ScoreMapModel):
+    """Stem + 8 residual blocks + 1x1 head; no pooling. Output ``[N, K, h, w]``."""
+
+    def __init__(
+        self,
+        kernels: tuple[int, ...],
+        widths: tuple[int, ...],
+        strides: tuple[int, ...],
+        num_classes: int,
+        shake: bool,
+        mean,
+        std,
+        input_size: tuple[int, int] | None,
+        arch: str,
+        config: dict,
+    ) -> None:
+        super().__init__(mean, std)
+        assert len(kernels) == 9 and len(widths) == 9 and len(strides) == 9
+        self.arch, self.config, self.num_classes = arch, dict(config), num_classes
+        self.stem = nn.Sequential(*_conv_bn(3, widths[0], kernels[0], strides[0]), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(
+            *[Block(widths[i - 1], widths[i], kernels[i], strides[i], shake) for i in range(1, 9)]
+        )
+        self.head = nn.Conv2d(widths[-1], num_classes, 1)
+        layers = [(k, s, k // 2) for k, s in zip(kernels, strides)]
+        self.geometry = trace_geometry(layers, input_size=input_size)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+
+@register_model
+def bagcert_cifar(num_classes: int = 10, rf: int = 7, width: int = 64, shake: bool = False) -> BagCertNet:
+    """BagCert CIFAR-10 net (32x32 in, 32x32 map, stride 1). Paper: width 768, shake-shake."""
+    if rf not in CIFAR_KERNELS:
+        raise PatchcertError(f"bagcert_cifar: rf must be one of {sorted(CIFAR_KERNELS)}, got {rf!r}")
+    if not isinstance(width, int) or width < 1:
+        raise PatchcertError(f"bagcert_cifar: width must be a positive int, got {width!r}")
+    cfg = {"rf": rf, "width": width, "shake": bool(shake)}
+    return BagCertNet(
+        CIFAR_KERNELS[rf], (width,) * 9, (1,) * 9, num_classes, bool(shake),
+        CIFAR10_MEAN, CIFAR10_STD, (32, 32), "bagcert_cifar", cfg,
+    )
+
+
+@register_model
+def bagcert_imagenet(num_classes: int = 1000, rf: int = 17, width: int = 64, shake: bool = False) -> BagCertNet:
+    """BagCert ImageNet net (224 in, stride 2 in blocks 1 and 3 -> 56x56 map).
+
+    Widths are ``width`` x (1, 1, 1, 2, 2, 4, 4, 8, 8) (the paper: width=64).
+    """
+    if rf not in IMAGENET_KERNELS:
+        raise PatchcertError(f"bagcert_imagenet: rf must be one of {sorted(IMAGENET_KERNELS)}, got {rf!r}")
+    if not isinstance(width, int) or width < 1:
+        raise PatchcertError(f"bagcert_imagenet: width must be a positive int, got {width!r}")
+    cfg = {"rf": rf, "width": width, "shake": bool(shake)}
+    mult = (1, 1, 1, 2, 2, 4, 4, 8, 8)
+    strides = (1, 2, 1, 2, 1, 1, 1, 1, 1)
+    return BagCertNet(
+        IMAGENET_KERNELS[rf], tuple(width * m for m in mult), strides, num_classes, bool(shake),
+        IMAGENET_MEAN, IMAGENET_STD, None, "bagcert_imagenet", cfg,
+    )
