@@ -1,0 +1,256 @@
+"""Where to attack: worst-case window margins (BagCert Condition 3.2), candidate selection,
+and the map from a feature-space placement back to a pixel patch.
+
+Everything here is vectorised over the batch; loops run only over the (few) window
+shapes and the (few) candidates per example.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Geometry
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "evidence",
+    "window_sums",
+    "class_margins",
+    "placement_margins",
+    "Candidates",
+    "select_candidates",
+    "pixel_start",
+    "patch_masks",
+    "affected_mask",
+]
+
+
+def evidence(defense: Any, scores: torch.Tensor) -> torch.Tensor:
+    """Per-cell evidence ``[N, K, H, W]`` (float64) whose spatial sum the defense aggregates.
+
+    Voting defenses expose ``votes`` (0/1 per cell and class); any other defense falls back
+    to BagCert's sign votes ``1[score >= 0]``. Used only to *rank* attack candidates, never
+    to decide whether an attack succeeded.
+    """
+    fn = getattr(defense, "votes", None)
+    if callable(fn):
+        return fn(scores).to(torch.float64)
+    return (scores >= 0).to(torch.float64)
+
+
+def _pad_wrap(s: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    if wh > 1:
+        s = torch.cat([s, s[:, :, : wh - 1]], 2)
+    if ww > 1:
+        s = torch.cat([s, s[:, :, :, : ww - 1]], 3)
+    return s
+
+
+def window_sums(s: torch.Tensor, window: tuple[int, int], wrap: bool = False) -> torch.Tensor:
+    """Sums of ``s [N, K, H, W]`` over every placement of ``window``: ``[N, K, H', W']``.
+
+    ``H' = H - wh + 1`` (or ``H`` with ``wrap``); top-left indexed. The window is clipped
+    to the map (a window larger than the map has one placement: the whole map).
+    """
+    H, W = s.shape[-2:]
+    wh, ww = min(window[0], H), min(window[1], W)
+    if wrap:
+        s = _pad_wrap(s, wh if window[0] <= H else 1, ww if window[1] <= W else 1)
+    # avg_pool2d with divisor_override=1 is a summed-area computation; float64 keeps it exact
+    return F.avg_pool2d(s, (wh, ww), stride=1, divisor_override=1)
+
+
+def class_margins(e: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], wrap: bool = False) -> torch.Tensor:
+    """BagCert Condition 3.2 margin per placement and class: ``[N, K, H', W']`` (float64).
+
+    For placement P and class c != y: ``(n_y - sum_P e_y) - (n_c - sum_P e_c) - |P|``, i.e. the
+    vote margin if the adversary zeroes y and sets c in every cell of P. ``+inf`` at c == y.
+    ``e`` is per-cell evidence in [0, 1] (votes).
+    """
+    e = e.to(torch.float64)
+    H, W = e.shape[-2:]
+    area = min(window[0], H) * min(window[1], W)
+    n = e.sum((2, 3))  # [N, K]
+    sums = window_sums(e, window, wrap)
+    rest = n[:, :, None, None] - sums  # evidence the patch cannot touch
+    ry = rest.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, *rest.shape[2:]))
+    m = ry - rest - area
+    own = F.one_hot(labels, e.shape[1]).bool()[:, :, None, None]
+    return m.masked_fill(own, float("inf"))
+
+
+def placement_margins(
+    defense: Any, scores: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], wrap: bool = False,
+    e: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Worst-case margin per placement ``[N, H', W']`` and per (class, placement) ``[N, K, H', W']``.
+
+    The per-placement margin is the defense's own ``margin_map`` when it has one (exact for
+    that defense), else the minimum over classes of :func:`class_margins` on the votes. The
+    per-class margins (used to pick the target class) always come from the votes.
+    """
+    if e is None:
+        e = evidence(defense, scores)
+    per_class = class_margins(e, labels, window, wrap)
+    H, W = scores.shape[-2:]
+    fn = getattr(defense, "margin_map", None)
+    if callable(fn) and window[0] <= H and window[1] <= W:
+        try:
+            mm = fn(scores, labels, window).to(torch.float64)
+            if mm.shape == per_class.shape[:1] + per_class.shape[2:]:
+                return mm, per_class
+            log.debug("margin_map shape %s != %s; using vote margins", tuple(mm.shape), tuple(per_class.shape))
+        except (NotImplementedError, ValueError) as err:
+            log.debug("margin_map unavailable (%s); using vote margins", err)
+    return per_class.min(1).values, per_class
+
+
+@dataclass
+class Candidates:
+    """Attack candidates, ``[N, C]`` each: shape index, map placement (top-left) and target class."""
+
+    shape: torch.Tensor  # long [N, C] index into the list of pixel shapes
+    row: torch.Tensor  # long [N, C] top-left row of the feature window on the map
+    col: torch.Tensor  # long [N, C]
+    target: torch.Tensor  # long [N, C]
+    margin: torch.Tensor  # float64 [N, C] predicted worst-case margin of the placement
+
+    @property
+    def count(self) -> int:
+        return int(self.shape.shape[1])
+
+
+def select_candidates(
+    defense: Any,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    windows: Sequence[tuple[int, int]],
+    wrap: bool = False,
+    locations: int = 1,
+    targets: int = 1,
+) -> Candidates:
+    """BagCert A.2's ``l*, c* = argmin_{l, c} margin`` generalised to the ``locations`` best
+    placements (over all window shapes; later picks must not overlap an earlier one by half a
+    window or more) and, for each, the ``targets`` classes with the smallest margin there.
+
+    ``scores [N, K, H, W]``, ``windows[i]`` the feature window of pixel shape i. Returns
+    :class:`Candidates` with ``C = locations * targets`` columns ordered best first.
+    """
+    N, K = scores.shape[:2]
+    dev = scores.device
+    e = evidence(defense, scores)
+    flat_m, flat_pc, meta = [], [], []
+    for si, win in enumerate(windows):
+        m, pc = placement_margins(defense, scores, labels, win, wrap, e=e)
+        Hp, Wp = m.shape[-2:]
+        rr, cc = torch.meshgrid(torch.arange(Hp, device=dev), torch.arange(Wp, device=dev), indexing="ij")
+        flat_m.append(m.flatten(1))
+        flat_pc.append(pc.flatten(2))
+        wh, ww = min(win[0], scores.shape[2]), min(win[1], scores.shape[3])
+        meta.append(torch.stack([torch.full_like(rr, si).flatten(), rr.flatten(), cc.flatten(),
+                                 torch.full_like(rr, wh).flatten(), torch.full_like(rr, ww).flatten()], 1))
+    M = torch.cat(flat_m, 1)  # [N, P]
+    PC = torch.cat(flat_pc, 2)  # [N, K, P]
+    info = torch.cat(meta, 0)  # [P, 5]: shape, row, col, wh, ww
+    cr = info[:, 1].to(torch.float64) + (info[:, 3].to(torch.float64) - 1) / 2  # window centres
+    cc_ = info[:, 2].to(torch.float64) + (info[:, 4].to(torch.float64) - 1) / 2
+    locations = max(1, min(int(locations), M.shape[1]))
+    targets = max(1, min(int(targets), K - 1))
+    avail = torch.ones_like(M, dtype=torch.bool)
+    picks = []
+    for _ in range(locations):
+        masked = M.masked_fill(~avail, float("inf"))
+        best = masked.argmin(1)  # [N]
+        # if everything is suppressed, argmin returns 0 with +inf; fall back to repeating the best pick
+        exhausted = ~avail.gather(1, best[:, None]).squeeze(1)
+        if picks:
+            best = torch.where(exhausted, picks[0], best)
+        picks.append(best)
+        bi = info[best]  # [N, 5]
+        dr = (cr[None, :] - cr[best][:, None]).abs()
+        dc = (cc_[None, :] - cc_[best][:, None]).abs()
+        near = (dr < (bi[:, 3:4].to(torch.float64) / 2).clamp(min=1)) & (dc < (bi[:, 4:5].to(torch.float64) / 2).clamp(min=1))
+        avail &= ~near
+    P = torch.stack(picks, 1)  # [N, L]
+    pcs = PC.gather(2, P[:, None, :].expand(-1, K, -1))  # [N, K, L]
+    tgt = pcs.topk(targets, dim=1, largest=False).indices  # [N, T, L] classes with the smallest margin
+    tgt = tgt.transpose(1, 2).reshape(N, -1)  # [N, L*T], location-major
+    P = P.repeat_interleave(targets, dim=1)
+    sel = info[P]  # [N, C, 5]
+    return Candidates(shape=sel[..., 0], row=sel[..., 1], col=sel[..., 2], target=tgt, margin=M.gather(1, P))
+
+
+def pixel_start(
+    geometry: Geometry, axis: int, cell: torch.Tensor, window: int | torch.Tensor, patch: int | torch.Tensor,
+    image: int,
+) -> torch.Tensor:
+    """Pixel start of the patch (side ``patch``) whose feature window is cells
+    ``[cell, cell + window - 1]`` along ``axis``; clipped to the image. ``cell``, ``window``
+    and ``patch`` are long tensors of one shape (or ints).
+
+    Patch rows ``[p, p + patch - 1]`` touch cells ``ceil((p + o - r + 1) / s)`` to
+    ``floor((p + patch - 1 + o) / s)``; the patch lies inside the window iff
+    ``(cell - 1) s - o + r <= p <= (cell + window) s - patch - o``; we take the middle of that
+    range (unique for stride 1). On a global axis the patch is centred.
+    """
+    r = geometry.rf[axis]
+    patch = torch.as_tensor(patch, device=cell.device)
+    window = torch.as_tensor(window, device=cell.device)
+    if r is None:
+        return torch.div(image - patch, 2, rounding_mode="floor").expand_as(cell).clone()
+    s, o = geometry.stride[axis], geometry.offset[axis]
+    lo = (cell - 1) * s - o + r
+    hi = (cell + window) * s - patch - o
+    p = torch.div(lo + hi, 2, rounding_mode="floor")
+    if geometry.wrap:
+        p = torch.remainder(p, image)
+    return torch.minimum(p.clamp(min=0), image - patch)
+
+
+def affected_mask(
+    geometry: Geometry, py: torch.Tensor, px: torch.Tensor, ph: int | torch.Tensor, pw: int | torch.Tensor,
+    map_size: tuple[int, int],
+) -> torch.Tensor:
+    """Cells ``bool [N, h, w]`` whose receptive field overlaps the pixel patch at ``(py, px)``
+    of size ``(ph, pw)`` (``py``, ``px`` long [N]): the only cells the patch can change.
+
+    Cell i sees pixels ``[i s - o, i s - o + r - 1]``; on a wrap axis cell indices are taken
+    modulo the map size (De-randomized smoothing's bands wrap around the image).
+    """
+    masks = []
+    for axis, start, side in ((0, py, ph), (1, px, pw)):
+        n = map_size[axis]
+        N = start.shape[0]
+        r = geometry.rf[axis]
+        if r is None:
+            masks.append(torch.ones(N, n, dtype=torch.bool, device=start.device))
+            continue
+        side = torch.as_tensor(side, device=start.device).expand(N)[:, None]  # [N, 1]
+        s, o = geometry.stride[axis], geometry.offset[axis]
+        lo = torch.arange(n, device=start.device)[None] * s - o  # [1, n] first pixel seen by each cell
+        if geometry.wrap:
+            period = n * s
+            d = torch.remainder(start[:, None] - lo, period)  # patch start relative to the cell's first pixel
+            hit = (d <= r - 1) | (d + side - 1 >= period)
+        else:
+            hit = (lo <= start[:, None] + side - 1) & (lo + r - 1 >= start[:, None])
+        masks.append(hit)
+    return masks[0][:, :, None] & masks[1][:, None, :]
+
+
+def patch_masks(
+    py: torch.Tensor, px: torch.Tensor, ph: torch.Tensor, pw: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Boolean masks ``[N, 1, H, W]`` of rectangles with top-left ``(py, px)`` and size ``(ph, pw)`` (long [N])."""
+    H, W = size
+    rows = torch.arange(H, device=py.device)
+    cols = torch.arange(W, device=py.device)
+    mr = (rows[None] >= py[:, None]) & (rows[None] < (py + ph)[:, None])
+    mc = (cols[None] >= px[:, None]) & (cols[None] < (px + pw)[:, None])
+    return (mr[:, :, None] & mc[:, None, :])[:, None]
