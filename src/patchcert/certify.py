@@ -1,0 +1,825 @@
+"""Certification over a dataset: batched, resumable, sharded, with per-example records.
+
+The data path is::
+
+    images --model.score_map (once per batch)--> scores [B, K, H, W]
+           --every defense x every patch--> ExampleRecord (one JSONL line per example)
+
+:func:`certify_dataset` is the loop; :func:`certify_batch` certifies one batch of score maps
+(pure: same maps in, same records out); :func:`largest_certified_square` finds, per image, the
+largest certified square patch by a vectorised bisection over the square's window.
+
+Batches are fixed slices of the selected examples (batch ``k`` = positions ``[k*B, (k+1)*B)``);
+shard ``i`` of ``n`` is the contiguous run of batches ``[floor(i*nb/n), floor((i+1)*nb/n))``.
+A shard, a resumed run and an uninterrupted run therefore push the very same batches through
+the model, and their records are byte-identical (the merged shards included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import file_sha256, load_tensors, save_tensors, versions
+from .data import ImageDataset, to_float
+from .errors import PatchcertError
+from .geometry import Geometry, PatchSpec, parse_patch
+from .results import (
+    CONFIG_FILE,
+    PROGRESS_FILE,
+    RECORDS_FILE,
+    SCORES_FILE,
+    SUMMARY_CSV,
+    SUMMARY_FILE,
+    DefenseOutcome,
+    ExampleRecord,
+    ResultRow,
+    RunMetadata,
+    ScoreFile,
+    Summary,
+    WorstCase,
+    append_records,
+    read_json,
+    repair_records,
+    save_scores,
+    shard_dirname,
+    summarize,
+    write_json,
+    write_summary,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DefenseSpec",
+    "PatchPlan",
+    "DefensePlan",
+    "CertifyRun",
+    "parse_defense_spec",
+    "parse_shard",
+    "build_defenses",
+    "plan_patches",
+    "square_windows",
+    "largest_certified_square",
+    "certify_batch",
+    "certify_dataset",
+    "shard_batches",
+    "DTYPES",
+]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# -- defense specs -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """A defense as the user wrote it: ``NAME[:KEY=VALUE[,KEY=VALUE...]]``."""
+
+    name: str
+    params: dict[str, Any]
+    text: str
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
+_PAIR_X = re.compile(r"^(\d+)[xX](\d+)$")
+_NUM = r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?"
+_RANGE = re.compile(rf"^({_NUM}):({_NUM})$")
+
+
+def _parse_value(v: str) -> Any:
+    """``3`` -> int, ``0.2`` -> float, ``true``/``false`` -> bool, ``none`` -> None,
+    ``11x11`` -> (11, 11), ``-1:1`` -> (-1.0, 1.0), anything else -> str."""
+    s = v.strip()
+    low = s.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if _INT.match(s):
+        return int(s)
+    if _FLOAT.match(s):
+        return float(s)
+    m = _PAIR_X.match(s)
+    if m:
+        return (int(m.group(1)), int(m.group(2)))
+    m = _RANGE.match(s)
+    if m:
+        return (float(m.group(1)), float(m.group(2)))
+    return s
+
+
+def parse_defense_spec(text: str | DefenseSpec) -> DefenseSpec:
+    """Parse ``voting``, ``voting:condition=3.3``, ``masking:threshold=0.0,features=logits``,
+    ``clipping:clip=-1:1`` ... (values: int, float, true/false, none, ``AxB`` pair, ``lo:hi``
+    range, else a string). Raises a one-line PatchcertError when malformed."""
+    if isinstance(text, DefenseSpec):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise PatchcertError(f"defense spec must be a non-empty string like 'voting' or 'masking:threshold=0', got {text!r}")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise PatchcertError(f"malformed defense spec {text!r}: expected NAME[:KEY=VALUE,...]")
+    params: dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            k, eq, v = item.partition("=")
+            k = k.strip()
+            if not eq or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) or not v.strip():
+                raise PatchcertError(f"malformed defense spec {text!r}: {item.strip()!r} is not KEY=VALUE")
+            if k in params:
+                raise PatchcertError(f"malformed defense spec {text!r}: {k!r} given twice")
+            params[k] = _parse_value(v)
+    elif _:
+        raise PatchcertError(f"malformed defense spec {text!r}: nothing after ':'")
+    return DefenseSpec(name, params, text.strip())
+
+
+@dataclass
+class DefensePlan:
+    """A built defense: its stable ``key`` (record/summary label) and JSON ``config``."""
+
+    key: str
+    defense: Any
+    config: dict[str, Any]
+    spec: str
+
+
+def _defense_key(d: Any, spec: DefenseSpec | None) -> str:
+    key = getattr(d, "key", None)
+    if isinstance(key, str) and key:
+        return key
+    if spec is not None and not spec.params:
+        return spec.name
+    return str(spec.text if spec is not None else type(d).__name__)
+
+
+def _defense_config(d: Any, spec: DefenseSpec | None) -> dict[str, Any]:
+    cfg = getattr(d, "config", None)
+    if isinstance(cfg, Mapping):
+        return _jsonable(dict(cfg))
+    out: dict[str, Any] = {"name": spec.name if spec else type(d).__name__}
+    if spec is not None:
+        out.update(_jsonable(spec.params))
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None
+                   ) -> list[DefensePlan]:
+    """Build every defense up front (bad names/parameters fail here, before any work).
+
+    ``default_window``: the feature window given to a masking defense whose spec sets no
+    ``window`` (the run passes the window covering its largest requested patch).
+    """
+    from .defenses import create_defense
+
+    if not specs:
+        raise PatchcertError("no defense given")
+    plans: list[DefensePlan] = []
+    for s in specs:
+        if isinstance(s, (str, DefenseSpec)):
+            spec = parse_defense_spec(s)
+            params = dict(spec.params)
+            if spec.name == "masking" and "window" not in params and default_window is not None:
+                params["window"] = tuple(default_window)
+            try:
+                d = create_defense(spec.name, **params)
+            except PatchcertError as e:
+                raise PatchcertError(f"defense {spec.text!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise PatchcertError(f"defense {spec.text!r}: bad parameters ({e})") from None
+        else:
+            spec, d = None, s
+        for meth in ("predict", "certify"):
+            if not callable(getattr(d, meth, None)):
+                raise PatchcertError(f"defense {s!r} has no {meth}()")
+        key = _defense_key(d, spec)
+        if any(p.key == key for p in plans):
+            raise PatchcertError(f"defense {key!r} requested twice")
+        plans.append(DefensePlan(key, d, _defense_config(d, spec), spec.text if spec else key))
+    return plans
+
+
+# -- patch specs -------------------------------------------------------------------------
+
+@dataclass
+class PatchPlan:
+    """A patch threat resolved for one geometry and image size.
+
+    ``shapes``: the pixel rectangles ``(ph, pw)``; ``windows``: their distinct feature windows
+    ``(wh, ww)``; ``shape_window[j]``: the index in ``windows`` of ``shapes[j]``.
+    """
+
+    text: str
+    spec: PatchSpec
+    shapes: list[tuple[int, int]]
+    windows: list[tuple[int, int]]
+    shape_window: list[int]
+    resolved: str
+
+
+def plan_patches(patches: Sequence[str | PatchSpec], geometry: Geometry, image_size: tuple[int, int]
+                 ) -> list[PatchPlan]:
+    """Parse and resolve every patch spec; one-line PatchcertError when malformed or too big."""
+    if not patches:
+        raise PatchcertError("no patch given")
+    plans: list[PatchPlan] = []
+    for p in patches:
+        try:
+            spec = parse_patch(p)
+            shapes = spec.shapes(image_size)
+        except PatchcertError:
+            raise
+        except ValueError as e:
+            raise PatchcertError(str(e)) from None
+        if any(q.text == spec.text for q in plans):
+            raise PatchcertError(f"patch {spec.text!r} requested twice")
+        windows: list[tuple[int, int]] = []
+        idx = []
+        for sh in shapes:
+            w = geometry.window(sh)
+            if w not in windows:
+                windows.append(w)
+            idx.append(windows.index(w))
+        plans.append(PatchPlan(spec.text, spec, shapes, windows, idx, ",".join(f"{a}x{b}" for a, b in shapes)))
+    return plans
+
+
+def _covering_window(plans: Sequence[PatchPlan]) -> tuple[int, int]:
+    return (max(w[0] for p in plans for w in p.windows), max(w[1] for p in plans for w in p.windows))
+
+
+def square_windows(geometry: Geometry, cap: int) -> list[tuple[int, int]]:
+    """Feature window of an ``s x s`` pixel patch for ``s = 1..cap``."""
+    return [geometry.window((s, s)) for s in range(1, cap + 1)]
+
+
+# -- one batch ---------------------------------------------------------------------------
+
+@dataclass
+class _Details:
+    certified: torch.Tensor
+    per_window: torch.Tensor
+    margin: torch.Tensor | None
+    window_index: torch.Tensor | None
+    row: torch.Tensor | None
+    col: torch.Tensor | None
+    worst_class: torch.Tensor | None
+
+
+def _certify_details(defense: Any, scores: torch.Tensor, labels: torch.Tensor,
+                     windows: Sequence[tuple[int, int]]) -> _Details:
+    """The defense's ``certify_details``; until every defense has it, per-window ``certify``
+    calls (margins unknown -> null in the records)."""
+    fn = getattr(defense, "certify_details", None)
+    if callable(fn):
+        r = fn(scores, labels, list(windows))
+        return _Details(r.certified, r.per_window, r.margin, r.window_index, r.row, r.col, r.worst_class)
+    per = torch.stack([defense.certify(scores, labels, [w]) for w in windows], 1)
+    cert = defense.certify(scores, labels, list(windows))
+    return _Details(cert, per, None, None, None, None, None)
+
+
+def largest_certified_square(defense: Any, scores: torch.Tensor, labels: torch.Tensor,
+                             windows: Sequence[tuple[int, int]], method: str = "bisect") -> torch.Tensor:
+    """Largest side ``s`` in ``1..len(windows)`` whose square patch is certified, per image.
+
+    ``windows[s-1]`` is the feature window of an ``s x s`` patch (non-decreasing in ``s``).
+    Returns long ``[N]`` (0: not even ``1x1`` certified). ``method="bisect"``: a vectorised
+    bisection over the distinct windows (each step certifies every image once, grouped by the
+    window it asks about); exact when certification is monotone in the window, which holds for
+    every defense here (a larger window contains every placement of a smaller one). Either way
+    the returned side was itself certified. ``method="scan"``: certify every distinct window
+    for every image and return the largest side whose window and all smaller ones certify.
+    """
+    n = scores.shape[0]
+    dev = scores.device
+    if n == 0 or not windows:
+        return torch.zeros(n, dtype=torch.long, device=dev)
+    distinct: list[tuple[int, int]] = []
+    last_side: list[int] = []
+    for s, w in enumerate(windows, 1):
+        if distinct and distinct[-1] == w:
+            last_side[-1] = s
+        else:
+            if distinct and (w[0] < distinct[-1][0] or w[1] < distinct[-1][1]):
+                raise PatchcertError("square windows must grow with the side")
+            distinct.append(tuple(w))
+            last_side.append(s)
+    m = len(distinct)
+    side_of = torch.tensor([0] + last_side, dtype=torch.long, device=dev)  # index j+1 -> side
+    if method == "scan":
+        ok = torch.stack([defense.certify(scores, labels, [w]) for w in distinct], 1)  # [N, m]
+        prefix = ok.long().cumprod(1).sum(1)  # number of leading certified windows
+        return side_of[prefix]
+    if method != "bisect":
+        raise PatchcertError(f"unknown method {method!r}; use 'bisect' or 'scan'")
+    lo = torch.full((n,), -1, dtype=torch.long, device=dev)  # largest j known certified
+    hi = torch.full((n,), m, dtype=torch.long, device=dev)   # smallest j known not certified
+    while True:
+        active = hi - lo > 1
+        if not bool(active.any()):
+            break
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        for j in torch.unique(mid[active]).tolist():
+            sel = torch.nonzero(active & (mid == j)).flatten()
+            ok = defense.certify(scores[sel], labels[sel], [distinct[j]])
+            lo[sel[ok]] = j
+            hi[sel[~ok]] = j
+    return side_of[lo + 1]
+
+
+class _Timer:
+    """Accumulated seconds by name (synchronising CUDA around each measured block)."""
+
+    def __init__(self, device: torch.device, totals: dict[str, float] | None = None) -> None:
+        self.device = device
+        self.totals: dict[str, float] = dict(totals or {})
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+
+def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
+                  defenses: Sequence[DefensePlan], patches: Sequence[PatchPlan],
+                  squares: Sequence[tuple[int, int]] | None = None, timer: _Timer | None = None,
+                  square_method: str = "bisect") -> list[ExampleRecord]:
+    """Certify one batch of score maps against every defense and patch.
+
+    ``scores`` float ``[B, K, H, W]`` (the dtype the defenses compute in), ``labels`` long
+    ``[B]`` on the same device, ``indices`` the B dataset indices. ``squares``: windows of
+    ``s x s`` patches for ``s = 1..cap`` (None: no largest-square search). Returns B records.
+    """
+    timer = timer or _Timer(scores.device)
+    B = scores.shape[0]
+    clean_pred = scores.to(torch.float64).mean((2, 3)).argmax(1).tolist()
+    lab = labels.tolist()
+    per_def: dict[str, dict[str, Any]] = {}
+    for dp in defenses:
+        d = dp.defense
+        timer.sync()
+        t0 = time.perf_counter()
+        pred = d.predict(scores)
+        timer.sync()
+        timer.add(f"{dp.key}|predict", time.perf_counter() - t0)
+        out: dict[str, Any] = {"pred": pred.tolist(), "patches": {}}
+        for pp in patches:
+            t0 = time.perf_counter()
+            det = _certify_details(d, scores, labels, pp.windows)
+            timer.sync()
+            timer.add(f"{dp.key}|patch|{pp.text}", time.perf_counter() - t0)
+            cert = det.certified.to(torch.bool)
+            if bool((cert & (pred != labels)).any()):
+                bad = int(torch.nonzero(cert & (pred != labels))[0])
+                raise RuntimeError(f"internal error: {dp.key} certified example {indices[bad]} for {pp.text} "
+                                   "but predicts another class (please report)")
+            entry: dict[str, Any] = {"certified": cert.tolist(), "worst": [None] * B, "shapes": None}
+            if det.margin is not None:
+                margin = det.margin.tolist()
+                wi, rr, cc, wc = (det.window_index.tolist(), det.row.tolist(), det.col.tolist(),
+                                  det.worst_class.tolist())
+                worst: list[WorstCase | None] = []
+                for i in range(B):
+                    if 0 <= wi[i] < len(pp.windows):
+                        worst.append(WorstCase(margin[i], pp.windows[wi[i]], rr[i], cc[i], wc[i]))
+                    else:
+                        worst.append(None)
+                entry["worst"] = worst
+            if len(pp.shapes) > 1:
+                pw = det.per_window.to(torch.bool)[:, pp.shape_window].tolist()  # [B, shapes]
+                names = [f"{a}x{b}" for a, b in pp.shapes]
+                entry["shapes"] = [dict(zip(names, row)) for row in pw]
+            out["patches"][pp.text] = entry
+        if squares:
+            t0 = time.perf_counter()
+            ls = largest_certified_square(d, scores, labels, squares, method=square_method).tolist()
+            timer.sync()
+            timer.add(f"{dp.key}|largest_square", time.perf_counter() - t0)
+        else:
+            ls = [None] * B
+        out["largest_square"] = ls
+        per_def[dp.key] = out
+    records = []
+    for i in range(B):
+        defs = {}
+        for dp in defenses:
+            o = per_def[dp.key]
+            defs[dp.key] = DefenseOutcome(
+                pred=o["pred"][i], correct=o["pred"][i] == lab[i],
+                certified={p: o["patches"][p]["certified"][i] for p in o["patches"]},
+                worst={p: o["patches"][p]["worst"][i] for p in o["patches"]},
+                largest_square=o["largest_square"][i],
+                shapes={p: o["patches"][p]["shapes"][i] for p in o["patches"] if o["patches"][p]["shapes"]},
+            )
+        records.append(ExampleRecord(int(indices[i]), lab[i], clean_pred[i], defs))
+    return records
+
+
+# -- the dataset loop --------------------------------------------------------------------
+
+@dataclass
+class CertifyRun:
+    """What :func:`certify_dataset` returns: the summary, the records (in index order) and
+    the directory written (None for an in-memory run)."""
+
+    summary: Summary
+    records: list[ExampleRecord]
+    out_dir: Path | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_shard(spec: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) or ``(i, n)`` -> ``(i, n)``; None stays None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", spec)
+        if not m:
+            raise PatchcertError(f"malformed shard {spec!r}: use i/n with 0 <= i < n, e.g. 0/4")
+        i, n = int(m.group(1)), int(m.group(2))
+    else:
+        try:
+            i, n = (int(spec[0]), int(spec[1]))
+        except (TypeError, ValueError, IndexError):
+            raise PatchcertError(f"malformed shard {spec!r}: use (i, n) with 0 <= i < n") from None
+        if len(spec) != 2:
+            raise PatchcertError(f"malformed shard {spec!r}: use (i, n) with 0 <= i < n")
+    if n < 1 or not 0 <= i < n:
+        raise PatchcertError(f"bad shard {i}/{n}: need n >= 1 and 0 <= i < n (shards count from 0)")
+    return (i, n)
+
+
+def shard_batches(num_batches: int, shard: tuple[int, int] | None) -> range:
+    """Batch numbers of shard ``(i, n)``: a contiguous block, sizes differing by at most one."""
+    if shard is None:
+        return range(num_batches)
+    i, n = shard
+    return range(i * num_batches // n, (i + 1) * num_batches // n)
+
+
+def _state_dict_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_bad(mask_ok: torch.Tensor) -> int:
+    return int(torch.nonzero(~mask_ok)[0])
+
+
+def _check_pos_int(v: Any, name: str, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise PatchcertError(f"{name} must be a positive integer, got {v!r}")
+
+
+def certify_dataset(
+    model: nn.Module | None = None,
+    data: ImageDataset | None = None,
+    *,
+    scores: ScoreFile | None = None,
+    defenses: Sequence[str | DefenseSpec | Any] = ("voting",),
+    patches: Sequence[str | PatchSpec] = ("5x5",),
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float64,
+    num_examples: int | None = None,
+    start: int = 0,
+    shard: str | tuple[int, int] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_scores: bool = False,
+    square_cap: int | None = None,
+    square_method: str = "bisect",
+    seed: int | None = None,
+    command: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> CertifyRun:
+    """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
+
+    Either ``model`` (a ScoreMapModel: images in [0, 1] -> ``[N, K, H, W]``) and ``data``, or
+    ``scores`` (a :class:`ScoreFile`). The model runs once per batch in eval mode, under
+    ``no_grad``, in float32 with TF32 off; its scores are cast to ``dtype`` for the defenses.
+    Every defense (spec string, :class:`DefenseSpec` or defense object) is certified against
+    every patch spec (``"5x5"``, ``"2%"``, ``"area=24"``) on the same maps.
+
+    ``out_dir``: write the run directory (see :mod:`patchcert.results`); with ``shard=(i, n)``
+    into ``out_dir/shard-i-of-n``. ``resume``: continue a run there (its records must come from
+    the same configuration). ``square_cap``: largest square side searched for
+    ``largest_square`` (default ``min(H, W)``; 0 disables). ``progress(done, total)`` is called
+    after every batch. Everything is validated before any work, with one-line PatchcertErrors.
+    """
+    # ---- validate the source ----------------------------------------------------------
+    if scores is None:
+        if model is None or data is None:
+            raise PatchcertError("give a model and a dataset, or cached scores")
+        if not isinstance(data, ImageDataset):
+            raise PatchcertError(f"data must be an ImageDataset, got {type(data).__name__}")
+        geometry = getattr(model, "geometry", None)
+        if not isinstance(geometry, Geometry):
+            raise PatchcertError(f"{type(model).__name__} declares no receptive-field geometry")
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        if num_classes != data.num_classes:
+            raise PatchcertError(f"the model has {num_classes} classes but {data.name} has {data.num_classes}")
+        image_size = data.image_size
+        exp = geometry.input_size
+        if exp is not None and tuple(exp) != tuple(image_size):
+            raise PatchcertError(f"the model expects {exp[0]}x{exp[1]} images but {data.name} has "
+                                 f"{image_size[0]}x{image_size[1]}")
+        if data.images.shape[1] != 3:
+            raise PatchcertError(f"{data.name}: expected 3-channel images, got {data.images.shape[1]}")
+        total_available = len(data)
+        classes = list(data.classes)
+        source_name = data.name
+    else:
+        if model is not None or data is not None:
+            raise PatchcertError("give either a model and dataset or cached scores, not both")
+        meta = scores.meta
+        try:
+            geometry = Geometry.from_dict(meta["geometry"])
+            image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise PatchcertError(f"score file: bad geometry/image_size metadata ({e})") from None
+        num_classes = int(scores.scores.shape[1])
+        classes = list(meta.get("classes") or [f"class{i}" for i in range(num_classes)])
+        if len(classes) != num_classes:
+            raise PatchcertError(f"score file: {num_classes}-class scores but {len(classes)} class names")
+        total_available = len(scores)
+        source_name = f"scores:{scores.path}"
+    _check_pos_int(batch_size, "batch size")
+    _check_pos_int(num_examples, "number of examples", allow_none=True)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise PatchcertError(f"start must be a non-negative integer, got {start!r}")
+    if start >= total_available:
+        raise PatchcertError(f"start {start} is past the end of {source_name} ({total_available} examples)")
+    if num_examples is None:
+        num_examples = total_available - start
+    elif start + num_examples > total_available:
+        raise PatchcertError(f"{num_examples} examples from {start} exceed the {total_available} examples of {source_name}")
+    shard_t = parse_shard(shard)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PatchcertError(f"dtype must be float32 or float64, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise PatchcertError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    dtype_name = "float32" if dtype == torch.float32 else "float64"
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    if square_cap is None:
+        square_cap = min(image_size)
+    if isinstance(square_cap, bool) or not isinstance(square_cap, int) or square_cap < 0:
+        raise PatchcertError(f"square cap must be a non-negative integer, got {square_cap!r}")
+    square_cap = min(square_cap, min(image_size))
+    if save_scores and out_dir is None:
+        raise PatchcertError("save_scores needs an output directory")
+
+    patch_plans = plan_patches(patches, geometry, image_size)
+    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans))
+    squares = square_windows(geometry, square_cap) if square_cap > 0 else None
+
+    # ---- what the records depend on ---------------------------------------------------
+    if scores is None:
+        ckpt = getattr(model, "checkpoint_path", None)
+        model_name = str(getattr(model, "arch", type(model).__name__))
+        if ckpt:
+            model_sha, hash_of = file_sha256(ckpt), "file"
+        else:
+            model_sha, hash_of = _state_dict_sha256(model), "state_dict"
+        model_cfg = _jsonable(dict(getattr(model, "config", {}) or {}))
+        data_info = _jsonable({"name": data.name, "num_examples_total": len(data), **data.info})
+        scores_path, scores_sha = None, None
+    else:
+        meta = scores.meta
+        ckpt = meta.get("checkpoint")
+        model_name = str(meta.get("model", "unknown"))
+        model_sha, hash_of = meta.get("model_sha256"), meta.get("model_hash_of", "file")
+        model_cfg = _jsonable(meta.get("model_config") or {})
+        data_info = _jsonable(meta.get("data") or {})
+        scores_path, scores_sha = scores.path, scores.sha256
+    nb = math.ceil(num_examples / batch_size)
+    my_batches = shard_batches(nb, shard_t)
+    my_lo = min(my_batches.start * batch_size, num_examples)
+    my_hi = min(my_batches.stop * batch_size, num_examples)
+    total = my_hi - my_lo
+    if total == 0:
+        log.warning("shard %s/%s holds no examples (%d batches for %d shards)", *shard_t, nb, shard_t[1])  # type: ignore[misc]
+    if scores is not None:
+        map_size = (int(scores.scores.shape[-2]), int(scores.scores.shape[-1]))
+    else:
+        map_size = tuple(model.map_size(image_size)) if hasattr(model, "map_size") else (0, 0)  # type: ignore[union-attr]
+    H, W = map_size
+    for pp in patch_plans:
+        for w in pp.windows:
+            if H and (w[0] > H or w[1] > W):
+                log.warning("patch %s: window %dx%d is larger than the %dx%d score map; nothing can be certified",
+                            pp.text, w[0], w[1], H, W)
+    config = {
+        "format": 1,
+        "model": model_name, "model_sha256": model_sha, "model_config": model_cfg,
+        "scores_sha256": scores_sha, "data": data_info, "start": start, "num_examples": num_examples,
+        "total": num_examples, "defenses": [{"key": p.key, "config": p.config} for p in defense_plans],
+        "patches": [{"patch": p.text, "resolved": p.resolved, "windows": [list(w) for w in p.windows]}
+                    for p in patch_plans],
+        "dtype": dtype_name, "batch_size": batch_size, "save_scores": bool(save_scores), "square_cap": square_cap, "square_method": square_method,
+        "geometry": geometry.to_dict(), "image_size": list(image_size),
+        "shard": list(shard_t) if shard_t else None,
+    }
+    config = _jsonable(config)
+
+    # ---- the run directory ------------------------------------------------------------
+    run_dir: Path | None = None
+    done_records: list[ExampleRecord] = []
+    timing: dict[str, float] = {}
+    if out_dir is not None:
+        run_dir = Path(out_dir) / shard_dirname(*shard_t) if shard_t else Path(out_dir)
+        has_run = (run_dir / CONFIG_FILE).exists() or (run_dir / RECORDS_FILE).exists()
+        if has_run and not resume:
+            raise PatchcertError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if has_run:
+            old = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
+            if old is not None and old != config:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise PatchcertError(f"cannot resume {run_dir}: it was made with different {', '.join(diff)}")
+            done_records = repair_records(run_dir / RECORDS_FILE)
+            expect = list(range(start + my_lo, start + my_lo + len(done_records)))
+            if scores is not None:
+                expect = scores.indices[start + my_lo:start + my_lo + len(done_records)].tolist()
+            if [r.index for r in done_records] != expect:
+                raise PatchcertError(f"cannot resume {run_dir}: records.jsonl does not hold the first examples "
+                                     "of this run in order")
+            if len(done_records) > total:
+                raise PatchcertError(f"cannot resume {run_dir}: it holds more records than the run selects")
+            prog_p = run_dir / PROGRESS_FILE
+            if prog_p.exists():
+                timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
+            log.info("resuming %s: %d/%d examples done", run_dir, len(done_records), total)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in (SUMMARY_FILE, SUMMARY_CSV):  # a finished run is only finished once rewritten
+            (run_dir / f).unlink(missing_ok=True)
+        write_json(run_dir / CONFIG_FILE, config)
+        (run_dir / RECORDS_FILE).touch()
+        write_json(run_dir / PROGRESS_FILE, {"done": len(done_records), "total": total, "complete": False,
+                                             "timing": timing})
+
+    # ---- the loop ---------------------------------------------------------------------
+    timer = _Timer(dev, timing)
+    records: list[ExampleRecord] = list(done_records)
+    ndone = len(done_records)
+    if progress is not None:
+        progress(ndone, total)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    was_training = None
+    if model is not None:
+        was_training = model.training
+        model.to(dev).eval()
+    parts_dir = run_dir / "scores.parts" if run_dir is not None else None
+    if save_scores and parts_dir is not None:
+        parts_dir.mkdir(exist_ok=True)
+    try:
+        with torch.no_grad():
+            for b in my_batches:
+                lo, hi = b * batch_size, min((b + 1) * batch_size, num_examples)
+                if hi - my_lo <= ndone:
+                    continue  # batch fully recorded
+                pos = torch.arange(start + lo, start + hi)
+                if scores is None:
+                    x = to_float(data.images[pos]).to(dev)  # type: ignore[union-attr]
+                    y = data.labels[pos]  # type: ignore[union-attr]
+                    idx = pos
+                    timer.sync()
+                    t0 = time.perf_counter()
+                    s32 = model.score_map(x).float()  # type: ignore[union-attr]
+                    timer.sync()
+                    timer.add("forward", time.perf_counter() - t0)
+                    timer.add("forward_images", float(len(pos)))
+                    what = "model produced"
+                else:
+                    s32 = scores.scores[pos].to(dev, torch.float32)
+                    y = scores.labels[pos]
+                    idx = scores.indices[pos]
+                    what = "score file holds"
+                if s32.dim() != 4 or s32.shape[1] != num_classes:
+                    raise PatchcertError(f"score maps of shape {tuple(s32.shape)}; expected [N, {num_classes}, H, W]")
+                fin = torch.isfinite(s32).flatten(1).all(1)
+                if not bool(fin.all()):
+                    raise PatchcertError(f"{what} NaN/Inf scores for example {int(idx[_first_bad(fin)])}")
+                if save_scores and parts_dir is not None:
+                    save_tensors(parts_dir / f"{lo:09d}.safetensors",
+                                 {"scores": s32, "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
+                batch_records = certify_batch(s32.to(dtype), y.to(dev), idx.tolist(), defense_plans, patch_plans,
+                                              squares, timer, square_method)
+                timer.add("images", float(len(pos)))
+                new = batch_records[ndone - (lo - my_lo):] if lo - my_lo < ndone else batch_records
+                if run_dir is not None:
+                    append_records(run_dir / RECORDS_FILE, new)
+                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new), "total": total, "complete": False,
+                                                         "timing": timer.totals})
+                records.extend(new)
+                ndone += len(new)
+                if progress is not None:
+                    progress(ndone, total)
+    finally:
+        if model is not None and was_training:
+            model.train(True)
+
+    # ---- summary ----------------------------------------------------------------------
+    tot = timer.totals
+    imgs = tot.get("images", 0.0)
+
+    def per_img(key: str, n: float | None = None) -> float | None:
+        n = imgs if n is None else n
+        return tot[key] / n if key in tot and n else None
+
+    template = [
+        ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
+                  windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
+                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
+        for dp in defense_plans for pp in patch_plans
+    ]
+    selection = records[0].index if records else None
+    md = RunMetadata(
+        model=model_name, model_sha256=model_sha, checkpoint=str(ckpt) if ckpt else None, data=data_info,
+        num_examples=len(records), seed=seed, device=str(dev), dtype=dtype_name, versions=versions(),
+        forward_seconds_per_image=per_img("forward", tot.get("forward_images")),
+        geometry=geometry.to_dict(), image_size=list(image_size), command=command, model_hash_of=str(hash_of),
+        model_config=model_cfg, num_classes=num_classes, classes=classes,
+        map_size=list(map_size),
+        scores_file=scores_path, scores_sha256=scores_sha, start=start,
+        indices=[selection, records[-1].index] if records else [],
+        batch_size=batch_size, square_cap=square_cap, shard=list(shard_t) if shard_t else None,
+        defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
+                                            "largest_square": per_img(f"{dp.key}|largest_square")}
+                                   for dp in defense_plans},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    summary = summarize(records, template, md)
+    if run_dir is not None:
+        if save_scores and parts_dir is not None:
+            _join_score_parts(parts_dir, run_dir / SCORES_FILE, {
+                "format": 1, "geometry": geometry.to_dict(), "image_size": list(image_size), "model": model_name,
+                "model_sha256": model_sha, "model_hash_of": hash_of, "model_config": model_cfg,
+                "checkpoint": str(ckpt) if ckpt else None, "classes": classes, "data": data_info,
+                "shard": list(shard_t) if shard_t else None,
+            }, total)
+        write_summary(run_dir, summary)
+        write_json(run_dir / PROGRESS_FILE, {"done": ndone, "total": total, "complete": True, "timing": timer.totals})
+        if shard_t:
+            log.info("shard %d/%d finished; merge all shards with: patchcert certify --merge %s",
+                     shard_t[0], shard_t[1], out_dir)
+    return CertifyRun(summary, records, run_dir, config)
+
+
+def _join_score_parts(parts_dir: Path, dest: Path, meta: dict[str, Any], expect: int) -> None:
+    parts = sorted(parts_dir.glob("*.safetensors"))
+    chunks = [load_tensors(p)[0] for p in parts]
+    if chunks:
+        s = torch.cat([c["scores"] for c in chunks])
+        y = torch.cat([c["labels"] for c in chunks])
+        i = torch.cat([c["indices"] for c in chunks])
+    else:
+        s, y, i = torch.zeros(0, 0, 0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if len(i) != expect or len(set(i.tolist())) != expect:
+        raise PatchcertError(f"{parts_dir}: saved score maps do not cover the run ({len(i)} of {expect}); "
+                             "rerun without --save-scores or start afresh")
+    save_scores(dest, s, y, i, meta)
+    shutil.rmtree(parts_dir)
