@@ -7,10 +7,28 @@ Run directory::
     state.safetensors    model + optimizer + RNG state after the last finished epoch (resume)
     model.safetensors    the model after the last finished epoch (+ model.json metadata)
 
+``state.safetensors`` holds tensors ``model.*`` (state dict), ``opt.<param>.<key>``
+(optimizer state), ``rng.data`` (the data generator: shuffling, augmentation, DS
+ablations) and ``rng.torch`` (the global CPU generator: initialisation, shake-shake),
+plus ``rng.cuda`` on CUDA; its JSON metadata has ``config``, ``epoch``, ``history``,
+``optimizer`` (param groups + non-tensor state) and ``world_size``. Every file is written
+atomically (temporary file + rename) and the state last, so it always names a finished epoch.
+
 Resuming (``resume=True``) continues after the last finished epoch with the same RNG
-state, so an interrupted run ends with the same weights as an uninterrupted one.
-Under ``torchrun`` every rank sees the same shuffled order and takes its share of each
-global batch; rank 0 alone writes files.
+state, so an interrupted run ends with the same weights as an uninterrupted one. The
+saved config must match (options that cannot change the result -- device, threads,
+output/data folders, eval batch size -- may differ; options added to ``TrainConfig``
+after the run was written take their defaults).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the loop initialises the process group (gloo on
+CPU, nccl on CUDA) and wraps the trained module in DistributedDataParallel. Every rank
+draws the same shuffled order, augmentation and ablations for the *global* batch
+(``batch_size``) and takes its share ``batch[rank::world]``; the loss is weighted so that
+the averaged gradient is that of the global batch mean even when the shares differ in
+size. BatchNorm statistics are per rank unless ``sync_bn=True`` (a differentiable
+all-reduce that works with any backend, CPU included), with which a run on ``W``
+processes computes the same function as a single process up to float rounding.
+Evaluation is sharded over the ranks; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -22,37 +40,42 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_text, load_tensors, save_checkpoint, save_tensors, versions
-from ..data import ImageDataset, augment_crop_flip, iterate_batches, load_dataset, to_float
-from ..errors import PatchcertError
+from ..data import ImageDataset, iterate_batches, load_dataset, to_float, train_batch
+from ..errors import CheckpointError, PatchcertError
 from ..geometry import patch_windows
 from ..models import create_model
-from .objectives import bagcert_loss, cross_entropy_map
+from .objectives import OBJECTIVES, Objective, create_objective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "lr_at", "evaluate", "OBJECTIVES"]
+__all__ = ["TrainConfig", "train", "lr_at", "evaluate", "default_eval_defense", "OBJECTIVES", "convert_sync_batchnorm"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run."""
+    """Everything that determines a training run (field names are part of the run format)."""
 
     model: str = "bagcert_cifar"
     model_cfg: dict = field(default_factory=lambda: {"rf": 7, "width": 64})
     dataset: str = "cifar10"
     data_dir: str | None = None
-    objective: str = "bagcert"  # bagcert | ce | (more registered in OBJECTIVES)
+    objective: str = "bagcert"  # bagcert | patchguard | ce | ds (see OBJECTIVES)
     objective_cfg: dict = field(default_factory=lambda: {"margin": 0.5, "sigma": 0.0})
     epochs: int = 30
-    batch_size: int = 96
+    batch_size: int = 96  # the global batch (split over DDP ranks)
     lr: float = 1e-3
     warmup_epochs: float = 1.0
     weight_decay: float = 0.0
@@ -67,17 +90,30 @@ class TrainConfig:
     eval_patch: str = "5x5"
     eval_batch_size: int = 250
     out_dir: str = "runs/train"
+    # -- added after the first shipped run: defaults keep older runs resumable --------------
+    optimizer: str = "adam"  # adam | adamw | sgd
+    momentum: float = 0.9  # sgd only
+    sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
+    eval_defense: dict | None = None  # {"name": ..., **kwargs}; None: the objective's default
+    dataset_cfg: dict = field(default_factory=dict)  # extra load_dataset options (e.g. ImageFolder size)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a mapping; unknown keys and values of the wrong type are one-line errors."""
+        if not isinstance(d, dict):
+            raise PatchcertError(f"a training config must be a table/object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise PatchcertError(f"unknown training option(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        for k, v in d.items():
+            _check_type(k, v, hints[k])
         return cls(**d)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read a TOML (``.toml``) or JSON config file."""
         import tomllib
 
         p = Path(path)
@@ -85,27 +121,65 @@ class TrainConfig:
             raise PatchcertError(f"config file {str(p)!r} does not exist")
         try:
             d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise PatchcertError(f"{p}: cannot parse config ({e})") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PatchcertError(f"{p}: cannot parse config ({str(e).splitlines()[0]})") from None
         return cls.from_dict(d)
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise PatchcertError("epochs, batch_size and lr must be positive")
+        """Range checks (types are checked by ``from_dict``); raises a one-line ``PatchcertError``."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.epochs < 1:
+            raise PatchcertError(f"epochs must be positive, got {self.epochs}")
+        if self.batch_size < 1:
+            raise PatchcertError(f"batch_size must be positive, got {self.batch_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise PatchcertError(f"lr must be positive, got {self.lr}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise PatchcertError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.weight_decay < 0:
+            raise PatchcertError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.eval_examples < 0 or self.eval_batch_size < 1:
+            raise PatchcertError("eval_examples must be >= 0 and eval_batch_size positive")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise PatchcertError(f"max_train_examples must be positive, got {self.max_train_examples}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise PatchcertError(f"num_threads must be positive, got {self.num_threads}")
         if self.objective not in OBJECTIVES:
             raise PatchcertError(f"unknown objective {self.objective!r}; known: {', '.join(sorted(OBJECTIVES))}")
+        if self.optimizer not in OPTIMIZERS:
+            raise PatchcertError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise PatchcertError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.eval_defense is not None and not isinstance(self.eval_defense.get("name"), str):
+            raise PatchcertError("eval_defense must be a table with a 'name' (e.g. {name = \"voting\", binarize = \"sign\"})")
 
 
-# objective name -> fn(scores, labels, model, **cfg) -> loss
-def _obj_bagcert(scores, labels, model, margin: float = 0.5, sigma: float = 0.0):
-    return bagcert_loss(scores, labels, margin=margin, sigma=sigma)
+def _check_type(name: str, v: Any, hint: Any) -> None:
+    """One-line error unless ``v`` fits the field's annotation (ints are accepted for floats)."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+    ok = {
+        bool: lambda x: isinstance(x, bool),
+        int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+        float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        str: lambda x: isinstance(x, str),
+        dict: lambda x: isinstance(x, dict),
+    }[hint](v)
+    if not ok:
+        raise PatchcertError(f"training option {name} must be {hint.__name__}, got {v!r}")
 
 
-def _obj_ce(scores, labels, model):
-    return cross_entropy_map(scores, labels)
-
-
-OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"bagcert": _obj_bagcert, "ce": _obj_ce}
+def _defaults() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainConfig):
+        out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+    return out
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -116,29 +190,55 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+# -- evaluation ---------------------------------------------------------------------------------
+
+def default_eval_defense(objective: str, cfg: dict | None = None) -> dict[str, Any]:
+    """The defense a model trained with ``objective`` is evaluated (and deployed) with."""
+    cfg = cfg or {}
+    if objective == "bagcert":
+        return {"name": "voting", "binarize": "sign", "condition": "3.2"}
+    if objective == "patchguard":
+        return {"name": "masking", "feature": "logits", "clip_max": cfg.get("clip_max"), "threshold": 0.0}
+    if objective == "ds":
+        return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
+    return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, patch: str, device: torch.device, batch_size: int = 250,
-             bf16: bool = False) -> dict[str, float]:
-    """Clean and Condition-3.2 certified accuracy of sign-voting on ``data``."""
+             bf16: bool = False, defense: dict[str, Any] | None = None) -> dict[str, float]:
+    """Clean and certified accuracy of ``defense`` (default: sign voting, Condition 3.2) on ``data``.
+
+    Under an initialised process group each rank evaluates ``data[rank::world]`` and the
+    counts are summed, so every rank returns the accuracies on the whole set.
+    """
     from ..defenses import create_defense
 
+    spec = dict(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"})
+    d = create_defense(spec.pop("name"), **spec)
     was = model.training
     model.eval()
     windows = patch_windows(model, patch, data.image_size)
-    d = create_defense("voting", binarize="sign", condition="3.2")
-    clean = cert = 0
-    for idx in iterate_batches(len(data), batch_size, shuffle=False):
-        x = to_float(data.images[idx]).to(device)
-        y = data.labels[idx].to(device)
+    rank, world = _dist_info()
+    share = torch.arange(rank, len(data), world)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for idx in iterate_batches(len(share), batch_size, shuffle=False):
+        sel = share[idx]
+        x = to_float(data.images[sel]).to(device)
+        y = data.labels[sel].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             s = model.score_map(x)
         s = s.float()
-        clean += int((d.predict(s) == y).sum())
-        cert += int(d.certify(s, y, windows).sum())
+        counts[0] += int((d.predict(s) == y).sum())
+        counts[1] += int(d.certify(s, y, windows).sum())
+    if world > 1:
+        torch.distributed.all_reduce(counts)
     model.train(was)
     n = max(1, len(data))
-    return {"clean_acc": clean / n, "cert_acc": cert / n}
+    return {"clean_acc": float(counts[0]) / n, "cert_acc": float(counts[1]) / n}
 
+
+# -- distributed ------------------------------------------------------------------------------
 
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -152,6 +252,69 @@ def _maybe_init_distributed(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend=backend)
     return True
+
+
+class _SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover every rank's share (two all-reduces).
+
+    Same parameters and buffers as ``nn.BatchNorm2d`` (checkpoints are unchanged). Unlike
+    ``nn.SyncBatchNorm`` it works on CPU with gloo: the all-reduce is
+    ``torch.distributed.nn.functional.all_reduce``, which is differentiable. Outside an
+    initialised process group, or in eval mode, it is plain BatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        c = x.shape[1]
+        n_local = torch.tensor([x.numel() // c], dtype=torch.float32, device=x.device)
+        s = torch.cat([xf.sum((0, 2, 3)), n_local])
+        s = all_reduce(s)
+        count = s[-1]
+        mean = s[:c] / count
+        sq = all_reduce(((xf - mean[None, :, None, None]) ** 2).sum((0, 2, 3)))
+        var = sq / count
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> int:
+    """Switch every ``nn.BatchNorm2d`` in ``module`` to cross-rank statistics in place; returns how many."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = _SyncBatchNorm
+            n += 1
+    return n
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    """Make every rank's parameters and buffers equal to rank 0's (e.g. BN running stats)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        torch.distributed.broadcast(t.data, src=0)
+
+
+# -- optimizer state <-> safetensors -------------------------------------------------------------
+
+def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -178,17 +341,38 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def _comparable(cfg: dict) -> dict:
-    # options that may change between a run and its resumption without changing the result
-    return {k: v for k, v in cfg.items() if k not in ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size")}
+_NOT_COMPARED = ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size")
 
+
+def _comparable(cfg: dict) -> dict:
+    """Options that must match between a run and its resumption (missing keys: their defaults)."""
+    full = {**_defaults(), **cfg}
+    return {k: v for k, v in full.items() if k not in _NOT_COMPARED}
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    a, b = _comparable(saved), _comparable(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = load_tensors(path)
+    missing = [k for k in ("config", "epoch", "optimizer") if k not in meta]
+    if missing or "rng.data" not in tensors or "rng.torch" not in tensors:
+        raise CheckpointError(f"{path}: not a training state (missing {', '.join(missing) or 'rng state'})")
+    return tensors, meta
+
+
+# -- the loop -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[int, int, float], None] | None = None,
           stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train per ``cfg``; returns the final metrics. ``on_step(done, total, loss)`` reports progress.
+    """Train per ``cfg``; returns the last epoch's metrics. ``on_step(done, total, loss)`` reports progress (rank 0).
 
-    ``stop_after_epoch`` ends the call after that epoch (used to test resumption).
+    ``resume``: continue the run in ``cfg.out_dir`` after its last finished epoch (a fresh
+    start if it holds none). ``stop_after_epoch`` ends the call after that epoch (used to test
+    resumption and to split long runs).
     """
     cfg.validate()
     device = torch.device(cfg.device)
@@ -200,43 +384,69 @@ def train(cfg: TrainConfig, resume: bool = False,
     rank, world = _dist_info()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
     try:
-        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True)
-        eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False)
+        state_path = out / "state.safetensors"
+        # checked on every rank (same file system): a rank that raised alone would hang the others
+        saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        resolved = asdict(cfg)
+        if state_path.exists():
+            if not resume:
+                raise PatchcertError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            saved = _load_state(state_path)
+            diff = _config_diff(saved[1]["config"], resolved)
+            if diff:
+                raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}")
+        elif resume:
+            log.warning("no training state in %s: starting a new run", out)
+
+        ds_kw = dict(cfg.dataset_cfg)
+        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True, **ds_kw)
+        eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
         if cfg.max_train_examples:
             train_set = train_set.subset(cfg.max_train_examples)
         eval_set = eval_set.subset(cfg.eval_examples)
+        if train_set.info.get("root") and train_set.info.get("root") == eval_set.info.get("root"):
+            log.warning("training and evaluating on the same images (%s)", train_set.info["root"])
 
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=train_set.num_classes, **cfg.model_cfg).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        crop = train_set.info.get("crop")
+        image_size = (int(crop), int(crop)) if crop else train_set.image_size  # what the model sees
+        objective: Objective = create_objective(cfg.objective, model, image_size, **cfg.objective_cfg)
+        module = objective.trainable(model)
+        if cfg.sync_bn:
+            convert_sync_batchnorm(module)
+        opt = _make_optimizer(cfg, module.parameters())
         gen = torch.Generator().manual_seed(cfg.seed)
+        eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg)
         start_epoch = 0
         history: list[dict] = []
-        resolved = asdict(cfg)
-        state_path = out / "state.safetensors"
-        if resume and state_path.exists():
-            tensors, meta = load_tensors(state_path)
-            if _comparable(meta["config"]) != _comparable(resolved):
-                diff = sorted(k for k in set(_comparable(resolved)) | set(_comparable(meta["config"]))
-                              if _comparable(resolved).get(k) != _comparable(meta["config"]).get(k))
-                raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}")
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _restore_optimizer(opt, tensors, meta["optimizer"])
-            gen.set_state(tensors["rng.data"])
-            torch.set_rng_state(tensors["rng.torch"])
+        if saved is not None:
+            tensors, meta = saved
+            try:
+                model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+                _restore_optimizer(opt, tensors, meta["optimizer"])
+                gen.set_state(tensors["rng.data"])
+                torch.set_rng_state(tensors["rng.torch"])
+                if device.type == "cuda" and "rng.cuda" in tensors:
+                    torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{state_path}: cannot restore the training state ({str(e).splitlines()[0]})") from None
             start_epoch = int(meta["epoch"])
             history = list(meta.get("history", []))
+            if int(meta.get("world_size", world)) != world:
+                log.warning("resuming a run trained on %s process(es) with %d: BatchNorm statistics per rank differ",
+                            meta.get("world_size"), world)
             log.info("resuming %s after epoch %d", out, start_epoch)
-        elif state_path.exists() and rank == 0:
-            raise PatchcertError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            del saved, tensors
 
-        net: nn.Module = model
+        net: nn.Module = module
         if world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", json.dumps({**resolved, "versions": versions()}, indent=2) + "\n")
@@ -245,59 +455,69 @@ def train(cfg: TrainConfig, resume: bool = False,
         steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch
         if steps_per_epoch < 1:
             raise PatchcertError(f"batch size {cfg.batch_size} is larger than the training set ({n})")
+        if cfg.batch_size < world:
+            raise PatchcertError(f"batch size {cfg.batch_size} is smaller than the number of processes ({world})")
         total = steps_per_epoch * cfg.epochs
         warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-        objective = OBJECTIVES[cfg.objective]
         metrics: dict[str, Any] = history[-1] if history else {}
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t0 = time.perf_counter()
-            loss_sum, seen = 0.0, 0
+            loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-example losses, examples] on this rank
             for it, idx in enumerate(iterate_batches(n, cfg.batch_size, shuffle=True, generator=gen, drop_last=True)):
                 step = epoch * steps_per_epoch + it
                 lr = lr_at(step, total, warm, cfg.lr)
                 for gp in opt.param_groups:
                     gp["lr"] = lr
-                xb = train_set.images[idx]
-                if cfg.augment:
-                    xb = augment_crop_flip(xb, 4, generator=gen)
-                xb = xb[rank::world]
+                xb = train_batch(train_set, idx, cfg.augment, gen)  # CIFAR: pad-4 crop + flip; ImageNet: 224 crops
+                if objective.uses_generator:  # e.g. DS ablation: drawn for the global batch, then shared out
+                    x = objective.prepare(to_float(xb), gen)[rank::world].to(device)
+                else:
+                    x = objective.prepare(to_float(xb[rank::world]), None).to(device)
                 yb = train_set.labels[idx][rank::world].to(device)
-                x = to_float(xb).to(device)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    scores = net(x)
-                loss = objective(scores, yb, model, **cfg.objective_cfg)
+                    out_ = net(x)
+                loss = objective.loss(out_, yb)
+                # DDP averages gradients over ranks: weight each rank's mean by its share of the batch
+                scaled = loss * (len(yb) * world / len(idx)) if world > 1 else loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaled.backward()
                 opt.step()
-                loss_sum += loss.detach().item() * len(yb)
-                seen += len(yb)
+                lval = loss.detach().item()
+                loss_sum[0] += lval * len(yb)
+                loss_sum[1] += len(yb)
                 if on_step is not None and rank == 0:
-                    on_step(step + 1 - start_epoch * steps_per_epoch, total - start_epoch * steps_per_epoch, loss.detach().item())
+                    on_step(step + 1 - start_epoch * steps_per_epoch, total - start_epoch * steps_per_epoch, lval)
             dt = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "lr": lr,
-                   "train_img_per_s": seen * world / dt, "epoch_seconds": dt}
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+                _broadcast_state(module)  # rank 0's BN running stats everywhere: the model we save is the one evaluated
+            row = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "lr": lr,
+                   "train_img_per_s": float(loss_sum[1]) / dt, "epoch_seconds": dt}
+            ev = evaluate(model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense)
+            row.update({f"eval_{k}": v for k, v in ev.items()})
+            history.append(row)
+            metrics = row
             if rank == 0:
-                ev = evaluate(model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16)
-                row.update({f"eval_{k}": v for k, v in ev.items()})
-                history.append(row)
-                metrics = row
                 _write_csv(out / "log.csv", history)
-                meta = {"config": resolved, "epoch": epoch + 1, "history": history,
-                        "optimizer": _optimizer_tensors(opt)[1]}
+                opt_tensors, opt_info = _optimizer_tensors(opt)
+                meta = {"config": resolved, "epoch": epoch + 1, "history": history, "optimizer": opt_info,
+                        "world_size": world, "objective": objective.describe(), "eval_defense": eval_defense}
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-                tensors.update(_optimizer_tensors(opt)[0])
+                tensors.update(opt_tensors)
                 tensors["rng.data"] = gen.get_state()
                 tensors["rng.torch"] = torch.get_rng_state()
+                if device.type == "cuda":
+                    tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
                 save_checkpoint(out / "model.safetensors", model, classes=list(train_set.classes),
-                                data=train_set.info, epoch=epoch + 1, metrics=row,
-                                train_config=resolved, eval={"examples": len(eval_set), "patch": cfg.eval_patch})
+                                data=train_set.info, epoch=epoch + 1, metrics=row, train_config=resolved,
+                                objective=objective.describe(),
+                                eval={"examples": len(eval_set), "patch": cfg.eval_patch, "defense": eval_defense})
                 save_tensors(state_path, tensors, meta)  # last: the state names a finished epoch
                 log.info("epoch %d/%d loss %.4f clean %.3f cert %.3f (%.0f img/s)", epoch + 1, cfg.epochs,
-                         row["loss"], row.get("eval_clean_acc", float("nan")), row.get("eval_cert_acc", float("nan")),
-                         row["train_img_per_s"])
+                         row["loss"], row["eval_clean_acc"], row["eval_cert_acc"], row["train_img_per_s"])
             if world > 1:
                 torch.distributed.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

@@ -1,22 +1,62 @@
-"""Training objectives on score maps ``[N, K, h, w]``."""
+"""Training objectives on score maps ``[N, K, h, w]``.
+
+Pure loss functions (``bagcert_loss``, ``patchguard_loss``, ``cross_entropy_map``) and the
+:class:`Objective` classes the training loop uses. An objective decides
+
+* which module is trained (``trainable``: the model itself, or a DS model's base classifier),
+* how a global batch of float images in [0, 1] is turned into the network's input
+  (``prepare``: identity, or De-randomized smoothing's random ablation), and
+* the loss of the network's output (``loss``), computed in float32 outside autocast.
+
+Objectives are registered by name in :data:`OBJECTIVES`; ``create_objective(name, model,
+image_size, **cfg)`` validates ``cfg`` (unknown or bad options are one-line errors).
+"""
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Callable, Sequence
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["heaviside_ste", "bagcert_loss", "one_hot_penalty", "cross_entropy_map"]
+from ..errors import PatchcertError
 
+__all__ = [
+    "heaviside_ste",
+    "bagcert_loss",
+    "one_hot_penalty",
+    "cross_entropy_map",
+    "strongest_window_mask",
+    "patchguard_loss",
+    "Objective",
+    "BagCertObjective",
+    "CrossEntropyObjective",
+    "PatchGuardObjective",
+    "DSObjective",
+    "OBJECTIVES",
+    "register_objective",
+    "create_objective",
+]
+
+
+# -- BagCert (Metzen & Yatsura, ICLR 2021, Sec. 3.3) ----------------------------------------
 
 def heaviside_ste(u: torch.Tensor) -> torch.Tensor:
-    """Forward: ``1[u >= 0]``; backward: the logistic sigmoid's derivative (straight-through)."""
+    """Forward: ``1[u >= 0]`` exactly; backward: the logistic sigmoid's derivative (straight-through).
+
+    The forward value ``sig + (hard - sig)`` is exactly ``hard`` in floating point: where
+    ``hard = 0`` it is ``sig - sig``; where ``hard = 1``, ``sig >= 0.5`` so ``1 - sig`` is
+    exact (Sterbenz) and the sum is exactly 1.
+    """
     sig = torch.sigmoid(u)
     hard = (u >= 0).to(u.dtype)
     return sig + (hard - sig).detach()
 
 
 def one_hot_penalty(S: torch.Tensor) -> torch.Tensor:
-    """``L_oh = max_{c != cmax} S_c - S_cmax`` per example, for normalised counts S in [0, 1]."""
+    """``L_oh = max_{c != cmax} S_c - S_cmax`` per example (``S`` ``[N, K]`` in [0, 1]) -> ``[N]`` in [-1, 0]."""
     top2 = S.topk(2, dim=1).values
     return top2[:, 1] - top2[:, 0]
 
@@ -24,7 +64,9 @@ def one_hot_penalty(S: torch.Tensor) -> torch.Tensor:
 def bagcert_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.5, sigma: float = 0.0) -> torch.Tensor:
     """BagCert's margin loss (Sec. 3.3): ``-min(min_{c!=y} sum_ij (s_y - s_c) / (h w), M) + sigma L_oh``.
 
-    ``scores`` are pre-Heaviside region scores; the votes ``s`` use the straight-through Heaviside.
+    ``scores`` ``[N, K, h, w]`` are pre-Heaviside region scores (any float dtype; computed in
+    float32); the votes ``s`` use the straight-through Heaviside. ``labels`` ``[N]``. Returns the
+    batch mean (a scalar).
     """
     u = scores.float()
     s = heaviside_ste(u)
@@ -39,5 +81,307 @@ def bagcert_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.5
 
 
 def cross_entropy_map(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy on the spatially averaged logits (BagNet-style training)."""
-    return F.cross_entropy(scores.float().mean((2, 3)), labels)
+    """Plain cross-entropy on the spatially averaged logits (BagNet-style training).
+
+    ``scores`` ``[N, K, h, w]`` or ``[N, K]``; ``labels`` ``[N]``.
+    """
+    s = scores.float()
+    if s.dim() == 4:
+        s = s.mean((2, 3))
+    return F.cross_entropy(s, labels)
+
+
+# -- PatchGuard provable adversarial training (Xiang et al., USENIX Sec. 2021, App. A) ------------
+
+def _window_sums(fy: torch.Tensor, win: tuple[int, int], wrap: bool) -> torch.Tensor:
+    """Sums of ``fy`` ``[N, H, W]`` over every ``win`` placement -> ``[N, P_h, P_w]``.
+
+    Without wrap: placements fully inside the map (``P = H - wh + 1``); with wrap:
+    every start position, windows wrapping around the bottom/right edge (``P = H``).
+    """
+    wh, ww = win
+    x = fy[:, None]
+    if wrap:
+        x = F.pad(x, (0, ww - 1, 0, wh - 1), mode="circular") if (wh > 1 or ww > 1) else x
+    return F.avg_pool2d(x, (wh, ww), stride=1, divisor_override=1)[:, 0]
+
+
+def strongest_window_mask(
+    evidence: torch.Tensor, windows: Sequence[tuple[int, int]], wrap: bool = False
+) -> torch.Tensor:
+    """Boolean ``[N, H, W]`` mask of the placement with the largest evidence sum per example.
+
+    ``evidence`` ``[N, H, W]`` (e.g. one class's clipped logits). Among all window shapes in
+    ``windows`` and all their placements, the one with the largest sum wins (ties: the first
+    shape, then the first placement in row-major order). A window larger than the map
+    (along an axis without wrap) is clipped to the map: it covers that whole axis.
+    """
+    if evidence.dim() != 3:
+        raise ValueError(f"evidence must be [N, H, W], got {tuple(evidence.shape)}")
+    n, H, W = evidence.shape
+    dev = evidence.device
+    best = None
+    best_shape = best_i = best_j = None
+    for wh, ww in windows:
+        wh, ww = min(int(wh), H), min(int(ww), W)
+        sums = _window_sums(evidence, (wh, ww), wrap)  # [N, Ph, Pw]
+        pw = sums.shape[-1]
+        val, flat = sums.flatten(1).max(1)
+        i, j = flat // pw, flat % pw
+        shp = torch.tensor([wh, ww], device=dev).expand(n, 2)
+        if best is None:
+            best, best_i, best_j, best_shape = val, i, j, shp
+        else:
+            better = val > best
+            best = torch.where(better, val, best)
+            best_i = torch.where(better, i, best_i)
+            best_j = torch.where(better, j, best_j)
+            best_shape = torch.where(better[:, None], shp, best_shape)
+    if best is None:
+        raise ValueError("no window given")
+    rows = torch.arange(H, device=dev)[None, :]
+    cols = torch.arange(W, device=dev)[None, :]
+    if wrap:
+        in_r = (rows - best_i[:, None]) % H < best_shape[:, :1]
+        in_c = (cols - best_j[:, None]) % W < best_shape[:, 1:]
+    else:
+        in_r = (rows >= best_i[:, None]) & (rows < best_i[:, None] + best_shape[:, :1])
+        in_c = (cols >= best_j[:, None]) & (cols < best_j[:, None] + best_shape[:, 1:])
+    return in_r[:, :, None] & in_c[:, None, :]
+
+
+def patchguard_loss(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    windows: Sequence[tuple[int, int]],
+    clip_max: float | None = None,
+    zero: str = "true",
+    aggregate: str = "mean",
+    wrap: bool = False,
+) -> torch.Tensor:
+    """PatchGuard's provable adversarial training loss for logit maps.
+
+    ``scores`` ``[N, K, H, W]`` local logits -> clip to ``[0, clip_max]`` (``None``: only at 0)
+    -> for each example, find the placement of the patch window (``windows``: the feature
+    windows of the deployed threat, several shapes allowed) with the largest clipped evidence
+    of the TRUE class and zero it (``zero="true"``: the true class only, the attacker's worst
+    case in the provable analysis; ``"all"``: every class in that window) -> aggregate over
+    the map (``"mean"`` or ``"sum"``) -> cross-entropy. Returns the batch mean.
+    """
+    if zero not in ("true", "all"):
+        raise ValueError(f"zero must be 'true' or 'all', got {zero!r}")
+    if aggregate not in ("mean", "sum"):
+        raise ValueError(f"aggregate must be 'mean' or 'sum', got {aggregate!r}")
+    u = scores.float()
+    f = u.clamp(min=0.0) if clip_max is None else u.clamp(0.0, float(clip_max))
+    n, k, H, W = f.shape
+    fy = f.gather(1, labels.view(n, 1, 1, 1).expand(n, 1, H, W))[:, 0]  # [N, H, W]
+    mask = strongest_window_mask(fy.detach(), windows, wrap=wrap)  # [N, H, W]
+    if zero == "true":
+        sel = F.one_hot(labels, k).bool()[:, :, None, None] & mask[:, None]
+    else:
+        sel = mask[:, None].expand(n, k, H, W)
+    f = f.masked_fill(sel, 0.0)
+    g = f.sum((2, 3))
+    if aggregate == "mean":
+        g = g / (H * W)
+    return F.cross_entropy(g, labels)
+
+
+# -- objective classes ----------------------------------------------------------------------------
+
+class Objective:
+    """A training objective. Subclasses set ``name`` and override what differs.
+
+    ``model`` is the full registered model (a ``ScoreMapModel``), ``image_size`` the training
+    images' ``(H, W)``; ``cfg`` the objective's options from ``TrainConfig.objective_cfg``.
+    """
+
+    name: str = ""
+    #: the objective's own ``prepare`` consumes the data generator (must run on the global batch)
+    uses_generator: bool = False
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int]) -> None:
+        self.image_size = image_size
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        """The module whose forward the loop runs (and wraps in DDP)."""
+        return model
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Global batch of float images ``[B, C, H, W]`` in [0, 1] -> network input (default: as is)."""
+        return x
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Resolved settings, for logs and checkpoint metadata."""
+        return {"name": self.name}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    if not cls.name or cls.name in OBJECTIVES:
+        raise RuntimeError(f"objective {cls.name!r} registered twice or unnamed")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def create_objective(name: str, model: nn.Module, image_size: tuple[int, int], **cfg: Any) -> Objective:
+    """Build objective ``name`` for ``model``; bad options are a one-line ``PatchcertError``."""
+    if name not in OBJECTIVES:
+        raise PatchcertError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model", "image_size")]
+    unknown = sorted(set(cfg) - set(params))
+    if unknown:
+        raise PatchcertError(
+            f"objective {name!r} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(params) or 'none'}"
+        )
+    return cls(model, image_size, **cfg)
+
+
+def _number(name: str, v: Any, lo: float | None = None, allow_none: bool = False, strict_lo: bool = False) -> Any:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PatchcertError(f"{name} must be a number, got {v!r}")
+    if lo is not None and (v <= lo if strict_lo else v < lo):
+        raise PatchcertError(f"{name} must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
+    return float(v)
+
+
+@register_objective
+class BagCertObjective(Objective):
+    """BagCert end-to-end training: margin loss with margin ``margin`` (M) + ``sigma`` one-hot penalty."""
+
+    name = "bagcert"
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0) -> None:
+        super().__init__(model, image_size)
+        self.margin = _number("bagcert margin", margin, lo=0.0, strict_lo=True)
+        self.sigma = _number("bagcert sigma", sigma, lo=0.0)
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return bagcert_loss(out, labels, margin=self.margin, sigma=self.sigma)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "margin": self.margin, "sigma": self.sigma}
+
+
+@register_objective
+class CrossEntropyObjective(Objective):
+    """Plain cross-entropy on the spatially averaged score map."""
+
+    name = "ce"
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_map(out, labels)
+
+
+@register_objective
+class PatchGuardObjective(Objective):
+    """PatchGuard provable adversarial training; the window is the deployed threat's (``patch``).
+
+    ``patch``: a threat spec (``"5x5"``, ``"2%"``, ``"area=24"``); its feature windows come from
+    the model's geometry (``patchcert.patch_windows``), e.g. 11x11 for RF 7 and a 5x5 patch.
+    ``window`` (``[wh, ww]``) overrides it with an explicit feature window.
+    """
+
+    name = "patchguard"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: tuple[int, int],
+        patch: str | None = None,
+        window: Sequence[int] | None = None,
+        clip_max: float | None = None,
+        zero: str = "true",
+        aggregate: str = "mean",
+    ) -> None:
+        super().__init__(model, image_size)
+        from ..geometry import patch_windows
+
+        if (patch is None) == (window is None):
+            raise PatchcertError("objective 'patchguard' needs exactly one of patch (e.g. \"5x5\") or window ([wh, ww])")
+        geom = getattr(model, "geometry", None)
+        self.wrap = bool(getattr(geom, "wrap", False))
+        if window is not None:
+            if (not isinstance(window, (list, tuple)) or len(window) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in window)):
+                raise PatchcertError(f"patchguard window must be [wh, ww] of positive ints, got {window!r}")
+            self.windows = [(int(window[0]), int(window[1]))]
+        else:
+            try:
+                self.windows = patch_windows(model, patch, image_size)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise PatchcertError(f"objective 'patchguard': {e}") from None
+        self.patch = patch
+        self.clip_max = _number("patchguard clip_max", clip_max, lo=0.0, allow_none=True, strict_lo=True)
+        if zero not in ("true", "all"):
+            raise PatchcertError(f"patchguard zero must be 'true' or 'all', got {zero!r}")
+        if aggregate not in ("mean", "sum"):
+            raise PatchcertError(f"patchguard aggregate must be 'mean' or 'sum', got {aggregate!r}")
+        self.zero, self.aggregate = zero, aggregate
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return patchguard_loss(out, labels, self.windows, clip_max=self.clip_max, zero=self.zero,
+                               aggregate=self.aggregate, wrap=self.wrap)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "patch": self.patch, "windows": [list(w) for w in self.windows],
+                "clip_max": self.clip_max, "zero": self.zero, "aggregate": self.aggregate, "wrap": self.wrap}
+
+
+def _ds_api() -> Callable[..., torch.Tensor]:
+    try:
+        from ..models.ds import random_ablate  # type: ignore[attr-defined]
+    except ImportError:
+        raise PatchcertError("objective 'ds' needs patchcert.models.ds (De-randomized smoothing), which is not available") from None
+    return random_ablate
+
+
+@register_objective
+class DSObjective(Objective):
+    """De-randomized smoothing: train the base classifier on one random ablation per image.
+
+    The model must be a DS model (``ds_column`` / ``ds_block``) exposing ``.base``; the ablation
+    (mode ``column``/``block`` and band width ``b``) is the model's unless given here. Each image
+    of the global batch keeps one random band/block (drawn from the data generator, so runs
+    resume exactly and every DDP rank sees the same ablations); loss = cross-entropy of the
+    base classifier's logits (spatially averaged if it returns a map).
+    """
+
+    name = "ds"
+    uses_generator = True
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], mode: str | None = None, b: int | None = None) -> None:
+        super().__init__(model, image_size)
+        self._ablate = _ds_api()
+        base = getattr(model, "base", None)
+        if not isinstance(base, nn.Module):
+            raise PatchcertError(f"objective 'ds' needs a De-randomized smoothing model with a .base classifier, "
+                                 f"got {getattr(model, 'arch', type(model).__name__)!r}")
+        mcfg = dict(getattr(model, "config", {}) or {})
+        self.mode = mode if mode is not None else getattr(model, "mode", mcfg.get("mode"))
+        self.b = b if b is not None else getattr(model, "b", mcfg.get("b"))
+        if self.mode not in ("column", "block"):
+            raise PatchcertError(f"objective 'ds': ablation mode must be 'column' or 'block', got {self.mode!r}")
+        if isinstance(self.b, bool) or not isinstance(self.b, int) or self.b < 1:
+            raise PatchcertError(f"objective 'ds': band width b must be a positive int, got {self.b!r}")
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        return model.base  # type: ignore[return-value]
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self._ablate(x, self.mode, self.b, generator)
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_map(out, labels)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.mode, "b": self.b}
