@@ -3,5 +3,18 @@
 from .registry import create_model, list_models, model_entrypoint, register_model
 from .base import ScoreMapModel, trace_geometry
 from . import bagcert  # noqa: F401  (registers bagcert_cifar, bagcert_imagenet)
+from . import bagnet  # noqa: F401  (registers bagnet9, bagnet17, bagnet33)
+from . import resnet  # noqa: F401  (registers resnet18_cifar, resnet18, resnet_small)
+from . import ds  # noqa: F401  (registers ds_column, ds_block)
+from .ds import ablate, random_ablate
 
-__all__ = ["create_model", "list_models", "model_entrypoint", "register_model", "ScoreMapModel", "trace_geometry"]
+__all__ = [
+    "create_model",
+    "list_models",
+    "model_entrypoint",
+    "register_model",
+    "ScoreMapModel",
+    "trace_geometry",
+    "ablate",
+    "random_ablate",
+]
