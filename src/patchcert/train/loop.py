@@ -254,12 +254,28 @@ def _maybe_init_distributed(device: torch.device) -> bool:
     return True
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of a sum over ranks is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = t.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = g.clone()
+        torch.distributed.all_reduce(g)
+        return g
+
+
 class _SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover every rank's share (two all-reduces).
 
     Same parameters and buffers as ``nn.BatchNorm2d`` (checkpoints are unchanged). Unlike
-    ``nn.SyncBatchNorm`` it works on CPU with gloo: the all-reduce is
-    ``torch.distributed.nn.functional.all_reduce``, which is differentiable. Outside an
+    ``nn.SyncBatchNorm`` it works on CPU with gloo (the all-reduces are differentiable:
+    :class:`_AllReduceSum`). Outside an
     initialised process group, or in eval mode, it is plain BatchNorm.
     """
 
@@ -267,8 +283,7 @@ class _SyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         xf = x.float()
         c = x.shape[1]
         n_local = torch.tensor([x.numel() // c], dtype=torch.float32, device=x.device)
