@@ -108,7 +108,7 @@ class PatchAttackResult:
     attacked: torch.Tensor  # bool [N] the clean prediction was right, so an attack ran
     shape: torch.Tensor  # long [N, 2] pixel patch (ph, pw)
     pixel: torch.Tensor  # long [N, 2] top-left pixel (row, col) of the patch
-    window: torch.Tensor  # long [N, 2] feature window (wh, ww) of that shape
+    window: torch.Tensor  # long [N, 2] feature window (wh, ww) the placement is of (masking: its mask window)
     cell: torch.Tensor  # long [N, 2] top-left of the feature placement the location came from
     target: torch.Tensor  # long [N] target class
     predicted_margin: torch.Tensor  # float64 [N] worst-case margin of that placement (< 0: not certifiable there)
@@ -167,7 +167,7 @@ def _init_patch(kind: str, x: torch.Tensor, indices: torch.Tensor, seed: int, at
 
 def _pgd(
     model: Any, defense: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-    p: torch.Tensor, surrogate: str, cfg: PatchAttackConfig,
+    p: torch.Tensor, surrogate: str, cfg: PatchAttackConfig, score_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PGD on the masked pixels. ``x``, ``p`` ``[n, C, H, W]``, ``mask`` bool ``[n, 1, H, W]``.
 
@@ -190,7 +190,8 @@ def _pgd(
         with torch.set_grad_enabled(t < cfg.steps):
             scores = model.score_map(xa)
         with torch.no_grad():
-            pred = defense.predict(scores.detach())
+            sd = scores.detach()
+            pred = defense.predict(sd if score_dtype is None else sd.to(score_dtype))
             hit = pred != y[act]
             fresh = ~flipped[act]  # keep the first flipping image of each example
             x_out[act[fresh]] = xa.detach()[fresh]
@@ -237,6 +238,7 @@ def patch_attack(
     clean_scores: torch.Tensor | None = None,
     indices: torch.Tensor | None = None,
     keep_images: bool = False,
+    score_dtype: torch.dtype | None = None,
 ) -> PatchAttackResult:
     """Attack ``images [N, C, H, W]`` (in [0, 1]) with labels ``[N]`` by one patch of any shape
     the threat ``patch`` allows (``'5x5'``, ``'2%'``, ``'area=24'`` or a list of ``(ph, pw)``).
@@ -245,6 +247,8 @@ def patch_attack(
     placements to pixels), ``defense`` anything with ``predict(scores) -> long [N]``.
     ``clean_scores`` (``model.score_map(images)``) is recomputed if not given. ``indices``
     (dataset indices, default ``arange(N)``) seed the per-example random initialisations.
+    ``score_dtype``: the precision the defense computes in (e.g. float64, as ``patchcert
+    certify`` does); score maps are cast to it before every ``defense.predict``.
     Works on the device of ``images``; the model must be on the same device.
     """
     cfg = config or PatchAttackConfig()
@@ -275,11 +279,12 @@ def patch_attack(
             if clean_scores is None:
                 clean_scores = model.score_map(x)
             clean_scores = clean_scores.detach()
+            if score_dtype is not None:
+                clean_scores = clean_scores.to(score_dtype)
             clean_pred = defense.predict(clean_scores).to(dev)
         K = clean_scores.shape[1]
         Hm, Wm = clean_scores.shape[-2:]
         shape_t = torch.tensor(shapes, dtype=torch.long, device=dev)  # [S, 2]
-        win_t = torch.tensor(windows, dtype=torch.long, device=dev)  # [S, 2]
 
         neg = torch.full((N,), -1, dtype=torch.long, device=dev)
         res = PatchAttackResult(
@@ -315,7 +320,7 @@ def patch_attack(
                     break
                 si = cand.shape[idx, j]
                 ph, pw = shape_t[si, 0], shape_t[si, 1]
-                wh, ww = win_t[si, 0], win_t[si, 1]
+                wh, ww = cand.window[idx, j, 0], cand.window[idx, j, 1]
                 cr, cc = cand.row[idx, j], cand.col[idx, j]
                 py = pixel_start(geom, 0, cr, wh, ph, H)
                 px = pixel_start(geom, 1, cc, ww, pw, W)
@@ -324,7 +329,7 @@ def patch_attack(
                 p0 = _init_patch(init, x[idx], indices[idx.cpu()], cfg.seed, attempt)
                 xa, flipped, delta, nsteps = _pgd(
                     model, defense, x[idx], labels[idx], mask, cand.target[idx, j], p0,
-                    surrogates[r % len(surrogates)], cfg,
+                    surrogates[r % len(surrogates)], cfg, score_dtype,
                 )
                 attempt += 1
                 res.attempts[idx] += 1
@@ -348,6 +353,8 @@ def patch_attack(
         # the verdict: a fresh forward pass of the final images through model and defense
         with torch.no_grad():
             adv_scores = model.score_map(x_adv)
+            if score_dtype is not None:
+                adv_scores = adv_scores.to(score_dtype)
             adv_pred = defense.predict(adv_scores).to(dev)
             att = res.attacked
             res.adv_pred = torch.where(att, adv_pred, clean_pred)
@@ -397,6 +404,7 @@ def attack_and_check(
     indices: torch.Tensor | None = None,
     keep_images: bool = False,
     certified: torch.Tensor | None = None,
+    score_dtype: torch.dtype | None = None,
 ) -> AttackCheck:
     """Certify (``defense.certify`` on the clean score map, unless ``certified`` is given) and
     attack; every certified example the attack breaks is logged as a SOUNDNESS FAILURE."""
@@ -413,10 +421,11 @@ def attack_and_check(
         finally:
             model.train(was)
     if certified is None:
-        certified = defense.certify(clean_scores, labels.to(clean_scores.device), windows)
+        cs = clean_scores if score_dtype is None else clean_scores.to(score_dtype)
+        certified = defense.certify(cs, labels.to(clean_scores.device), windows)
     certified = certified.to(images.device).bool()
     res = patch_attack(model, defense, images, labels, patch, config, clean_scores=clean_scores,
-                       indices=indices, keep_images=keep_images)
+                       indices=indices, keep_images=keep_images, score_dtype=score_dtype)
     bad = certified & res.success
     if bool(bad.any()):
         idx = torch.arange(N) if indices is None else torch.as_tensor(indices).cpu()

@@ -88,27 +88,34 @@ def class_margins(e: torch.Tensor, labels: torch.Tensor, window: tuple[int, int]
 def placement_margins(
     defense: Any, scores: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], wrap: bool = False,
     e: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Worst-case margin per placement ``[N, H', W']`` and per (class, placement) ``[N, K, H', W']``.
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Worst-case margin per placement ``[N, H', W']``, per (class, placement) ``[N, K, H', W']``,
+    and the feature window those placements are of.
 
     The per-placement margin is the defense's own ``margin_map`` when it has one (exact for
-    that defense), else the minimum over classes of :func:`class_margins` on the votes. The
-    per-class margins (used to pick the target class) always come from the votes.
+    that defense; robust masking reports it over its *mask* window's placements, which is then
+    the window returned), else the minimum over classes of :func:`class_margins` on the votes.
+    The per-class margins (used to pick the target class) always come from the votes.
     """
     if e is None:
         e = evidence(defense, scores)
-    per_class = class_margins(e, labels, window, wrap)
     H, W = scores.shape[-2:]
     fn = getattr(defense, "margin_map", None)
     if callable(fn) and window[0] <= H and window[1] <= W:
         try:
             mm = fn(scores, labels, window).to(torch.float64)
-            if mm.shape == per_class.shape[:1] + per_class.shape[2:]:
-                return mm, per_class
-            log.debug("margin_map shape %s != %s; using vote margins", tuple(mm.shape), tuple(per_class.shape))
         except (NotImplementedError, ValueError) as err:
             log.debug("margin_map unavailable (%s); using vote margins", err)
-    return per_class.min(1).values, per_class
+        else:
+            for win in (window, tuple(getattr(defense, "window", ()) or ())):
+                if len(win) != 2:
+                    continue
+                per_class = class_margins(e, labels, win, wrap)
+                if mm.shape == per_class.shape[:1] + per_class.shape[2:]:
+                    return mm, per_class, (int(win[0]), int(win[1]))
+            log.debug("margin_map of shape %s matches no window; using vote margins", tuple(mm.shape))
+    per_class = class_margins(e, labels, window, wrap)
+    return per_class.min(1).values, per_class, window
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Candidates:
     col: torch.Tensor  # long [N, C]
     target: torch.Tensor  # long [N, C]
     margin: torch.Tensor  # float64 [N, C] predicted worst-case margin of the placement
+    window: torch.Tensor  # long [N, C, 2] feature window (wh, ww) the placement is of
 
     @property
     def count(self) -> int:
@@ -147,16 +155,24 @@ def select_candidates(
     e = evidence(defense, scores)
     flat_m, flat_pc, meta = [], [], []
     for si, win in enumerate(windows):
-        m, pc = placement_margins(defense, scores, labels, win, wrap, e=e)
+        m, pc, awin = placement_margins(defense, scores, labels, win, wrap, e=e)
         Hp, Wp = m.shape[-2:]
         rr, cc = torch.meshgrid(torch.arange(Hp, device=dev), torch.arange(Wp, device=dev), indexing="ij")
         flat_m.append(m.flatten(1))
         flat_pc.append(pc.flatten(2))
-        wh, ww = min(win[0], scores.shape[2]), min(win[1], scores.shape[3])
+        wh, ww = min(awin[0], scores.shape[2]), min(awin[1], scores.shape[3])
         meta.append(torch.stack([torch.full_like(rr, si).flatten(), rr.flatten(), cc.flatten(),
                                  torch.full_like(rr, wh).flatten(), torch.full_like(rr, ww).flatten()], 1))
     M = torch.cat(flat_m, 1)  # [N, P]
     PC = torch.cat(flat_pc, 2)  # [N, K, P]
+    # rank placements by the defense's margin, ties broken by the vote margin (a global
+    # condition such as 3.3 gives every placement the same margin; the votes still tell where
+    # the evidence is weakest)
+    order = torch.sort(PC.min(1).values, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(M.gather(1, order), dim=1, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order).contiguous())
+    R = rank.to(torch.float64)
     info = torch.cat(meta, 0)  # [P, 5]: shape, row, col, wh, ww
     cr = info[:, 1].to(torch.float64) + (info[:, 3].to(torch.float64) - 1) / 2  # window centres
     cc_ = info[:, 2].to(torch.float64) + (info[:, 4].to(torch.float64) - 1) / 2
@@ -165,7 +181,7 @@ def select_candidates(
     avail = torch.ones_like(M, dtype=torch.bool)
     picks = []
     for _ in range(locations):
-        masked = M.masked_fill(~avail, float("inf"))
+        masked = R.masked_fill(~avail, float("inf"))
         best = masked.argmin(1)  # [N]
         # if everything is suppressed, argmin returns 0 with +inf; fall back to repeating the best pick
         exhausted = ~avail.gather(1, best[:, None]).squeeze(1)
@@ -183,7 +199,8 @@ def select_candidates(
     tgt = tgt.transpose(1, 2).reshape(N, -1)  # [N, L*T], location-major
     P = P.repeat_interleave(targets, dim=1)
     sel = info[P]  # [N, C, 5]
-    return Candidates(shape=sel[..., 0], row=sel[..., 1], col=sel[..., 2], target=tgt, margin=M.gather(1, P))
+    return Candidates(shape=sel[..., 0], row=sel[..., 1], col=sel[..., 2], target=tgt, margin=M.gather(1, P),
+                      window=sel[..., 3:5])
 
 
 def pixel_start(

@@ -7,7 +7,9 @@ smooth *objective* instead; whether an attack succeeded is always decided by the
     delta[n] = mean over cells of (e_y - e_c*)            (lower is closer to a flip)
 
 where ``e`` is a differentiable per-cell evidence (BagCert's loss ``L_R`` with ``M = 1`` is
-``-min(delta, M)`` on the sigmoid relaxation of the votes).
+``-min(delta, M)`` on the sigmoid relaxation of the votes). ``defense`` relaxes the defense's
+own aggregation: clipped sums for Clipped BagNet; for robust masking the masked class totals
+(sum minus each class's strongest window) on straight-through clipped features.
 """
 
 from __future__ import annotations
@@ -27,14 +29,57 @@ def _binarize(defense: Any) -> Any:
     return getattr(defense, "binarize", None)
 
 
-def _defense_transform(defense: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A differentiable per-cell transform the defense sums (clipping: the clip function;
-    masking: the clipped features), when the defense exposes one."""
-    for name in ("transform", "features", "clip_scores"):
-        fn = getattr(defense, name, None)
-        if callable(fn):
-            return fn
-    return None
+def _ste(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward ``hard``, gradient of ``soft`` (straight-through)."""
+    return soft + (hard - soft).detach()
+
+
+def _kind(defense: Any) -> str:
+    name = str(getattr(defense, "name", "")).lower()
+    if name in ("clipping", "masking", "voting"):
+        return name
+    if callable(getattr(defense, "features_of", None)):
+        return "masking"
+    if callable(getattr(defense, "clipped", None)):
+        return "clipping"
+    return "other"
+
+
+def _clipping_evidence(defense: Any, u: torch.Tensor) -> torch.Tensor:
+    """Clipped BagNet's per-cell evidence: ``tanh(scale u + shift)`` or a clamp to [lo, hi]
+    (straight-through, so scores outside the range still get a gradient)."""
+    if getattr(defense, "clip", None) == "tanh":
+        return torch.tanh(u * float(getattr(defense, "scale", 0.05)) + float(getattr(defense, "shift", -1.0)))
+    lo, hi = float(getattr(defense, "lo", -1.0)), float(getattr(defense, "hi", 1.0))
+    return _ste(u.clamp(lo, hi), u)
+
+
+def _masking_totals(defense: Any, u: torch.Tensor) -> torch.Tensor:
+    """PatchGuard's robust-masking class totals ``[N, K]`` on straight-through features: the
+    sum of clipped features minus each class's strongest window (where it is detected)."""
+    feats = str(getattr(defense, "features", "logits"))
+    cmax = getattr(defense, "clip_max", None)
+    if feats == "confidence":
+        v = torch.softmax(u, 1)
+    elif feats == "prediction":
+        soft = torch.softmax(u, 1)
+        v = _ste(torch.nn.functional.one_hot(u.argmax(1), u.shape[1]).permute(0, 3, 1, 2).to(u.dtype), soft)
+    else:
+        v = u
+    f = _ste(v.clamp(0.0, cmax) if cmax is not None else v.clamp(min=0.0), v)
+    H, W = f.shape[-2:]
+    win = getattr(defense, "window", (H, W))
+    win = (min(int(win[0]), H), min(int(win[1]), W))
+    g = f.sum((2, 3))
+    if getattr(defense, "wrap", False):
+        from .selection import _pad_wrap
+
+        f = _pad_wrap(f, *win)
+    m = torch.nn.functional.avg_pool2d(f, win, stride=1, divisor_override=1).amax((2, 3))
+    T = float(getattr(defense, "threshold", 0.0))
+    with torch.no_grad():
+        detect = (g > 0) & (m / g.clamp(min=1e-12) > T)
+    return torch.where(detect, g - m, g)
 
 
 def resolve_surrogate(name: str, defense: Any) -> str:
@@ -50,7 +95,7 @@ def resolve_surrogate(name: str, defense: Any) -> str:
         if b == "argmax":
             return "softmax"
         return "threshold"
-    if _defense_transform(defense) is not None:
+    if _kind(defense) in ("clipping", "masking"):
         return "defense"
     return "logits"
 
@@ -94,12 +139,18 @@ def targeted_delta(
         et = scores.gather(1, it).clamp(max=kappa)
         bounded = False
     elif name == "defense":
-        fn = _defense_transform(defense)
-        if fn is None:
-            raise PatchcertError(f"defense {defense} exposes no differentiable transform for surrogate 'defense'")
-        e = fn(scores)
-        ey, et = e.gather(1, iy), e.gather(1, it)
-        bounded = False
+        kind = _kind(defense)
+        if kind == "masking":
+            g = _masking_totals(defense, scores) / float(scores.shape[2] * scores.shape[3])
+            return g.gather(1, labels[:, None])[:, 0] - g.gather(1, targets[:, None])[:, 0], False
+        if kind == "clipping":
+            e = _clipping_evidence(defense, scores)
+            ey, et = e.gather(1, iy), e.gather(1, it)
+            bounded = False
+        elif kind == "voting":
+            return targeted_delta("auto", defense, scores, labels, targets, temperature, kappa)
+        else:
+            raise PatchcertError(f"no differentiable relaxation of defense {defense}; use surrogate 'logits'")
     else:  # logits
         ey, et = scores.gather(1, iy), scores.gather(1, it)
         bounded = False
