@@ -1,6 +1,40 @@
-"""Defenses: aggregators over score maps ``[N, K, H, W]`` with ``predict`` and ``certify``."""
+"""Defenses: aggregators over score maps ``[N, K, H, W]`` with ``predict`` and ``certify``.
 
-from .base import Defense, create_defense, list_defenses, register_defense
-from . import voting  # noqa: F401
+``create_defense("masking" | "clipping" | "voting", **options)`` builds one; every defense has
+``predict(scores) -> long [N]``, ``certify(scores, labels, windows) -> bool [N]``,
+``certify_details(...) -> CertifyResult`` (worst margin, window, placement and class per image),
+``margin_map(scores, labels, window) -> float64 [N, H', W']``, ``config`` and ``key``.
+See ``base`` for the margin conventions and each module for its exact certificate.
+"""
 
-__all__ = ["Defense", "create_defense", "list_defenses", "register_defense"]
+from .base import (
+    CertifyResult,
+    Defense,
+    check_labels,
+    check_scores,
+    check_window,
+    check_windows,
+    create_defense,
+    defense_from_config,
+    list_defenses,
+    register_defense,
+)
+from .clipping import Clipping
+from .masking import Masking
+from .voting import Voting
+
+__all__ = [
+    "CertifyResult",
+    "Defense",
+    "Clipping",
+    "Masking",
+    "Voting",
+    "check_labels",
+    "check_scores",
+    "check_window",
+    "check_windows",
+    "create_defense",
+    "defense_from_config",
+    "list_defenses",
+    "register_defense",
+]

@@ -1,56 +1,125 @@
-"""Binary votes (BagCert / De-randomized smoothing) — provisional seed implementation."""
+"""Binary votes: BagCert (Metzen & Yatsura 2021) and De-randomized smoothing (Levine & Feizi 2020).
+
+Every cell of the score map ``[N, K, H, W]`` casts votes ``s[c] in {0, 1}``:
+
+* ``binarize="sign"``   -- BagCert's Heaviside: ``s = 1[score >= 0]`` (any number of classes);
+* ``binarize="argmax"`` -- one vote for the cell's argmax (ties: lowest class);
+* ``binarize=θ`` (float in (0, 1]) -- DS: ``s = 1[softmax(scores)[c] >= θ]`` (softmax over K,
+  computed in float64; a cell may vote for several classes, or none).
+
+Prediction: argmax of the vote counts ``n[c]`` (ties: lowest class).
+
+Certificates (label ``y``; ``|P| = wh * ww``):
+
+* Condition ``"3.2"`` (exact for every placement): for every placement ``P`` and ``c != y``,
+  ``margin = (n[y] - sum_P s_y) - (n[c] - sum_P s_c) - |P|`` must be > 0, or == 0 with
+  ``y < c``. The adversary's best move in ``P`` (``y`` gets no vote, ``c`` one in every cell) is
+  available under every binarisation, so the condition is also necessary: a map that fails it
+  can be flipped. Window sums come from one summed-area table per batch.
+* Condition ``"3.3"`` (DS's global rule): ``margin = n[y] - n[c] - 2 |P|`` > 0, or == 0 with
+  ``y < c``, for every window asked for (so for the largest area). Never certifies more than 3.2.
+
+A window larger than the map is never certified. With ``wrap=True`` windows also wrap around the
+right/bottom edges (DS's bands); prediction does not depend on ``wrap``. Vote counts are exact
+integers in float64, so every comparison is exact.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import Defense, check_scores, register_defense
+from ..errors import PatchcertError
+from ._common import Prepared
+from .base import Defense, Window, check_bool, check_fraction, competitor, register_defense
+
+__all__ = ["Voting", "binarize_votes"]
+
+
+def _parse_binarize(binarize: Any) -> str | float:
+    if isinstance(binarize, str):
+        b = binarize.strip().lower()
+        if b in ("sign", "argmax"):
+            return b
+        try:
+            binarize = float(b)
+        except ValueError:
+            raise PatchcertError(
+                f"voting: binarize must be 'sign', 'argmax' or a softmax threshold θ in (0, 1], got {binarize!r}"
+            ) from None
+    if isinstance(binarize, bool) or not isinstance(binarize, (int, float)):
+        raise PatchcertError(
+            f"voting: binarize must be 'sign', 'argmax' or a softmax threshold θ in (0, 1], got {binarize!r}"
+        )
+    return check_fraction(binarize, "voting: softmax threshold θ (binarize)", lo_open=True, hi_closed=True)
+
+
+def binarize_votes(scores: torch.Tensor, binarize: str | float) -> torch.Tensor:
+    """Votes ``{0, 1}`` as float64 ``[N, K, H, W]`` from scores ``[N, K, H, W]``."""
+    if binarize == "sign":
+        return (scores >= 0).to(torch.float64)
+    if binarize == "argmax":
+        K = scores.shape[1]
+        return F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).to(torch.float64)
+    p = torch.softmax(scores.to(torch.float64), 1)
+    return (p >= float(binarize)).to(torch.float64)
 
 
 @register_defense("voting")
 class Voting(Defense):
-    name = "voting"
+    """Vote counting with Condition 3.2 (BagCert, per window) or 3.3 (DS, global)."""
 
-    def __init__(self, binarize="sign", condition: str = "3.2", wrap: bool = False) -> None:
-        self.binarize, self.condition, self.wrap = binarize, str(condition), wrap
+    def __init__(self, binarize: str | float = "sign", condition: str = "3.2", wrap: bool = False) -> None:
+        self.binarize = _parse_binarize(binarize)
+        cond = str(condition).strip() if isinstance(condition, (str, float)) else None
+        if cond not in ("3.2", "3.3"):
+            raise PatchcertError(f"voting: condition must be '3.2' or '3.3', got {condition!r}")
+        self.condition = cond
+        self.wrap = check_bool(wrap, "voting: wrap")
 
     def votes(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.binarize == "sign":
-            return (scores >= 0).to(torch.float64)
-        if self.binarize == "argmax":
-            return F.one_hot(scores.argmax(1), scores.shape[1]).permute(0, 3, 1, 2).to(torch.float64)
-        return (scores.softmax(1) >= float(self.binarize)).to(torch.float64)
+        """Votes float64 ``[N, K, H, W]`` (validated scores)."""
+        return binarize_votes(scores, self.binarize)
 
-    def predict(self, scores: torch.Tensor) -> torch.Tensor:
-        check_scores(scores)
-        return self.votes(scores).sum((2, 3)).argmax(1)
+    # -- hooks ---------------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        return {"binarize": self.binarize, "condition": self.condition, "wrap": self.wrap}
 
-    def certify(self, scores, labels, windows) -> torch.Tensor:
-        check_scores(scores)
-        s = self.votes(scores)
-        N, K, H, W = s.shape
-        n = s.sum((2, 3))
+    def _key_parts(self) -> list[str]:
+        b = self.binarize if isinstance(self.binarize, str) else repr(self.binarize)
+        return [b, self.condition]
+
+    def _prepare(self, scores: torch.Tensor) -> Prepared:
+        v = self.votes(scores)
+        return Prepared(v=v, total=v.sum((2, 3)), wrap=self.wrap)
+
+    def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
+        return prep.total.argmax(1)
+
+    def _clean(self, prep: Prepared, labels: torch.Tensor):
+        n = prep.total
         ok = n.argmax(1) == labels
-        cls = torch.arange(K, device=s.device)
-        lower = cls[None, :] < labels[:, None]  # c < y: a tie is a loss
-        ny = n.gather(1, labels[:, None])
-        for wh, ww in windows:
-            if wh > H or ww > W:
-                return torch.zeros(N, dtype=torch.bool, device=s.device)
-            sp = s
-            if self.wrap:
-                sp = torch.cat([s, s[:, :, : wh - 1]], 2) if wh > 1 else s
-                sp = torch.cat([sp, sp[:, :, :, : ww - 1]], 3) if ww > 1 else sp
-            sums = F.avg_pool2d(sp, (wh, ww), stride=1, divisor_override=1)  # [N,K,h',w']
-            sy = sums.gather(1, labels[:, None, None, None].expand(-1, 1, *sums.shape[2:]))
-            if self.condition == "3.2":
-                margin = (ny[:, :, None, None] - sy) - (n[:, :, None, None] - sums) - wh * ww
-                bad = (margin < 0) | ((margin == 0) & lower[:, :, None, None])
-                bad = bad & (cls[None, :, None, None] != labels[:, None, None, None])
-                ok &= ~bad.flatten(1).any(1)
-            else:
-                margin = ny - n - 2 * wh * ww
-                bad = ((margin < 0) | ((margin == 0) & lower)) & (cls[None] != labels[:, None])
-                ok &= ~bad.any(1)
-        return ok
+        best, cls = competitor(n, labels)
+        return ok, n.gather(1, labels[:, None])[:, 0] - best, cls
+
+    def _window_margins(self, prep: Prepared, labels: torch.Tensor, window: Window):
+        if not prep.fits(window):
+            return None
+        area = float(window[0] * window[1])
+        n = prep.total
+        ny = n.gather(1, labels[:, None])  # [N, 1]
+        if self.condition == "3.3":
+            best, cls = competitor(n, labels)
+            m = (ny[:, 0] - best) - 2.0 * area
+            return m[:, None, None], cls[:, None, None]
+        S = prep.window_sums(window)  # [N, K, Hp, Wp]
+        outside = n[:, :, None, None] - S  # votes the patch cannot touch
+        best, cls = competitor(outside, labels)
+        oy = outside.gather(1, labels[:, None, None, None].expand(-1, 1, *S.shape[2:]))[:, 0]
+        return (oy - best) - area, cls
+
+    def _elements_per_image(self, shape, windows) -> int:
+        N, K, H, W = shape
+        return 5 * K * (2 * H) * (2 * W) if self.wrap else 5 * K * (H + 1) * (W + 1)

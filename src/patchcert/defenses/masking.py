@@ -1,0 +1,276 @@
+"""Robust masking (PatchGuard, Xiang et al. 2021: Mask-BN and Mask-DS).
+
+Features, from the score map ``[N, K, H, W]`` (float64):
+``"logits"`` (raw scores), ``"confidence"`` (softmax over K per cell, rounded to multiples of
+2^-32 so that its sums are exact) or ``"prediction"`` (one-hot of the per-cell argmax; ties:
+lowest class), then clipped to ``[0, clip_max]`` (``clip_max=None``: only the lower clip at 0).
+
+Inference (Alg. 1): ``g[c]`` = sum of class c's features; for each class, ``m[c]`` = its largest
+sum over placements of the mask window; if ``g[c] > 0`` and ``m[c] / g[c] > T`` then
+``g[c] -= m[c]``; predict ``argmax g`` (ties: lowest class). A mask window larger than the map
+is clamped to the map for inference (it then covers everything).
+
+Provable analysis (Alg. 2 with the published ``T > 0`` correction), label ``y``, per placement
+``P`` of the **mask** window: ``t[c] = g[c] - sum_P[c]``; ``ub[c] = t[c] / (1 - T)``; zero class
+``y`` inside ``P`` and take that map's window sums over all placements: ``M_all`` their max,
+``M_ovl`` the max over placements overlapping ``P`` (>= 0); ``M = M_all`` if
+``t[y] > 0 and M_all / t[y] > T`` else ``M_ovl``; ``lb = t[y] - M``;
+``margin = lb - max_{c != y} ub[c]`` must be > 0, or == 0 with ``y < c``. The image must also be
+classified as ``y`` without masking (Alg. 2's first check) and with it.
+
+Patch windows: a requested window that fits inside the mask window is certified by the analysis
+with the mask window (an attack in a smaller window is an attack in the larger one); a window
+that does not fit inside the mask window is **not certified** (``margin = -inf``), nor is
+anything when the mask window is larger than the map.
+
+No loop over placements: ``M_all`` and ``M_ovl`` come from (a) prefix/suffix maxima (cyclic
+sliding maxima with wrap) of the per-row and per-column maxima of the window sums, for the
+placements that do not overlap ``P`` (their sums are unchanged by zeroing ``P``), and (b) for the
+``(2wh-1) x (2ww-1)`` overlapping offsets, the window sum minus the sum over the intersection
+with ``P``, read from the label class's summed-area table by gathers (with wrap-around an
+intersection may be up to 2 x 2 rectangles).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PatchcertError
+from ._common import Prepared
+from .base import (
+    ELEMENT_BUDGET,
+    Defense,
+    Window,
+    check_bool,
+    check_fraction,
+    check_window,
+    check_exact,
+    competitor,
+    grid_for,
+    register_defense,
+    to_grid,
+)
+
+__all__ = ["Masking", "FEATURES"]
+
+FEATURES = ("logits", "confidence", "prediction")
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_overlaps_cpu(size: int, win: int, wrap: bool):
+    """One axis of the overlap geometry for a window of ``win`` cells on an axis of ``size``.
+
+    For every placement ``i`` of ``P`` and every offset ``o`` at which a placement ``Q`` overlaps
+    ``P`` on this axis: ``q[o, i]`` (Q's index), ``valid[o, i]`` (Q is a placement), and the
+    intersection of P's and Q's cells as up to two segments ``[s, e)`` in the coordinates of the
+    (periodically extended) summed-area table.
+    """
+    if not wrap:
+        P = size - win + 1
+        d = torch.arange(-(win - 1), win)
+        i = torch.arange(P)
+        q = i[None] + d[:, None]
+        valid = (q >= 0) & (q < P)
+        s = i[None] + d.clamp(min=0)[:, None]
+        e = i[None] + (win + d.clamp(max=0))[:, None]
+        return q.clamp(0, P - 1), valid, [(s, e)]
+    P = size
+    d = torch.arange(size)
+    d = d[(d < win) | (d > size - win)]
+    i = torch.arange(P)
+    q = (i[None] + d[:, None]) % size
+    valid = torch.ones_like(q, dtype=torch.bool)
+    zero = torch.zeros_like(d)
+    s1 = torch.where(d < win, d, zero)
+    e1 = torch.where(d < win, torch.full_like(d, win), zero)
+    e2 = torch.where(d > size - win, d + win - size, zero)
+    segs = [(i[None] + s1[:, None], i[None] + e1[:, None]), (i[None] + zero[:, None], i[None] + e2[:, None])]
+    return q, valid, segs
+
+
+def _axis_overlaps(size: int, win: int, wrap: bool, device: torch.device):
+    q, valid, segs = _axis_overlaps_cpu(size, win, wrap)
+    return q.to(device), valid.to(device), [(s.to(device), e.to(device)) for s, e in segs]
+
+
+def _axis_nonoverlap_max(m: torch.Tensor, size: int, win: int, wrap: bool) -> torch.Tensor:
+    """For per-placement maxima ``m`` ``[N, P]`` along one axis, the max over placements that do
+    not overlap placement ``i`` on this axis (0 if none): ``[N, P]``."""
+    N, P = m.shape
+    if not wrap:
+        zeros = m.new_zeros(N, win)
+        pre = torch.cat([zeros, m.cummax(1).values], 1)[:, :P]  # max m[:i - win + 1]
+        suf = torch.cat([m.flip(1).cummax(1).values.flip(1), zeros], 1)[:, win : win + P]  # max m[i + win:]
+        return torch.maximum(pre, suf)
+    L = size - 2 * win + 1  # cyclic offsets win .. size - win
+    if L <= 0:
+        return m.new_zeros(N, P)
+    pooled = torch.cat([m, m], 1).unfold(1, L, 1).amax(-1)  # pooled[s] = max m[s : s + L] (cyclic)
+    idx = (torch.arange(P, device=m.device) + win) % size
+    return pooled[:, idx]
+
+
+@register_defense("masking")
+class Masking(Defense):
+    """PatchGuard's robust masking with its provable analysis (detection threshold ``T``)."""
+
+    def __init__(
+        self,
+        window: Window | int,
+        threshold: float = 0.0,
+        clip_max: float | None = None,
+        features: str = "logits",
+        wrap: bool = False,
+    ) -> None:
+        self.window = check_window(window, "masking: window")
+        self.threshold = check_fraction(threshold, "masking: detection threshold T")
+        if clip_max is not None:
+            if isinstance(clip_max, bool) or not isinstance(clip_max, (int, float)):
+                raise PatchcertError(f"masking: clip_max must be None or a positive number, got {clip_max!r}")
+            clip_max = float(clip_max)
+            if not (math.isfinite(clip_max) and clip_max > 0):
+                raise PatchcertError(f"masking: clip_max must be None or a positive finite number, got {clip_max!r}")
+        self.clip_max = clip_max
+        if not isinstance(features, str) or features.strip().lower() not in FEATURES:
+            raise PatchcertError(f"masking: features must be one of {', '.join(FEATURES)}, got {features!r}")
+        self.features = features.strip().lower()
+        scale = clip_max if clip_max is not None else (16.0 if self.features == "logits" else 1.0)
+        self.grid = grid_for(scale)
+        self.wrap = check_bool(wrap, "masking: wrap")
+
+    def features_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """Clipped features float64 ``[N, K, H, W]`` (validated scores)."""
+        if self.features == "logits":
+            v = scores.to(torch.float64)
+        elif self.features == "confidence":
+            v = torch.softmax(scores.to(torch.float64), 1)
+        else:
+            K = scores.shape[1]
+            v = F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).to(torch.float64)
+        v = v.clamp(0.0, self.clip_max) if self.clip_max is not None else v.clamp(min=0.0)
+        return to_grid(v, self.grid)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        return {
+            "window": list(self.window),
+            "threshold": self.threshold,
+            "clip_max": self.clip_max,
+            "features": self.features,
+            "wrap": self.wrap,
+        }
+
+    def _key_parts(self) -> list[str]:
+        parts = [f"{self.window[0]}x{self.window[1]}", f"T={self.threshold:.12g}", self.features]
+        if self.clip_max is not None:
+            parts.append(f"clip={self.clip_max:.12g}")
+        return parts
+
+    def _prepare(self, scores: torch.Tensor) -> Prepared:
+        v = self.features_of(scores)
+        check_exact(v, self.grid, self.wrap, "masking")
+        total = v.sum((2, 3))
+        prep = Prepared(v=v, total=total, wrap=self.wrap)
+        prep.extra["masked"] = self._masked_totals(prep)
+        return prep
+
+    def _masked_totals(self, prep: Prepared) -> torch.Tensor:
+        H, W = prep.size
+        win = (min(self.window[0], H), min(self.window[1], W))
+        m = prep.window_sums(win).amax((2, 3))  # [N, K] strongest window per class
+        g = prep.total
+        detect = (g > 0) & (m / g > self.threshold)
+        return torch.where(detect, g - m, g)
+
+    def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
+        return prep.extra["masked"].argmax(1)
+
+    def _clean(self, prep: Prepared, labels: torch.Tensor):
+        g, gm = prep.total, prep.extra["masked"]
+        ok = (g.argmax(1) == labels) & (gm.argmax(1) == labels)
+        b1, c1 = competitor(g, labels)
+        b2, c2 = competitor(gm, labels)
+        m1 = g.gather(1, labels[:, None])[:, 0] - b1
+        m2 = gm.gather(1, labels[:, None])[:, 0] - b2
+        cls = torch.where(m1 < m2, c1, torch.where(m2 < m1, c2, torch.minimum(c1, c2)))
+        return ok, torch.minimum(m1, m2), cls
+
+    def _analysis_window(self, window: Window) -> Window:
+        return self.window
+
+    def _window_margins(self, prep: Prepared, labels: torch.Tensor, window: Window):
+        if window[0] > self.window[0] or window[1] > self.window[1] or not prep.fits(self.window):
+            return None
+        if "analysis" not in prep.extra:
+            prep.extra["analysis"] = self._analysis(prep, labels)
+        return prep.extra["analysis"]
+
+    def _analysis(self, prep: Prepared, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
+        T = self.threshold
+        N = prep.v.shape[0]
+        S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
+        t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
+        ub = t / (1.0 - T)
+        best_ub, cls = competitor(ub, labels)
+        yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
+        Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
+        ty = t.gather(1, yidx)[:, 0]  # total of the map with y zeroed inside P
+        Cy = prep.sat()[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
+        m_non = self._nonoverlap_max(Ay, prep.size)
+        m_ovl = self._overlap_max(Ay, Cy, prep.size)
+        m_all = torch.maximum(m_non, m_ovl)
+        use_all = (ty > 0) & (m_all / ty > T)
+        lb = ty - torch.where(use_all, m_all, m_ovl)
+        return lb - best_ub, cls
+
+    def _nonoverlap_max(self, Ay: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Max window sum over placements not overlapping each P (unchanged by zeroing P)."""
+        (H, W), (mh, mw) = size, self.window
+        rows = _axis_nonoverlap_max(Ay.amax(2), H, mh, self.wrap)  # row-disjoint, any column
+        cols = _axis_nonoverlap_max(Ay.amax(1), W, mw, self.wrap)  # column-disjoint, any row
+        return torch.maximum(rows[:, :, None], cols[:, None, :])
+
+    def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``."""
+        (H, W), (mh, mw) = size, self.window
+        dev = Ay.device
+        qr, vr, segr = _axis_overlaps(H, mh, self.wrap, dev)  # [Or, Hp]
+        qc, vc, segc = _axis_overlaps(W, mw, self.wrap, dev)  # [Oc, Wp]
+        N, Hp, Wp = Ay.shape
+        Or, Oc = qr.shape[0], qc.shape[0]
+        per_offset = max(1, N * 4 * Hp * Oc * Wp)
+        group = max(1, ELEMENT_BUDGET // per_offset)
+        out = Ay.new_zeros(N, Hp, Wp)
+        colv = vc[None, None]
+        for g0 in range(0, Or, group):  # groups of row offsets (memory), not placements
+            sl = slice(g0, g0 + group)
+            R = None
+            for s, e in segr:  # rows of P ∩ Q: [N, o, Hp, We+1]
+                part = Cy[:, e[sl]] - Cy[:, s[sl]]
+                R = part if R is None else R + part
+            Z = None
+            for s, e in segc:  # then columns: [N, o, Hp, Oc, Wp]
+                part = R[:, :, :, e] - R[:, :, :, s]
+                Z = part if Z is None else Z + part
+            zs = Ay[:, qr[sl][:, :, None, None], qc[None, None]] - Z
+            if not self.wrap:
+                zs = zs.masked_fill(~(vr[sl][:, :, None, None] & colv), 0.0)
+            out = torch.maximum(out, zs.amax(3).amax(1))
+        return out
+
+    def _elements_per_image(self, shape, windows) -> int:
+        N, K, H, W = shape
+        base = 6 * K * (2 * H) * (2 * W) if self.wrap else 6 * K * (H + 1) * (W + 1)
+        mh, mw = self.window
+        if mh > H or mw > W or not any(w[0] <= mh and w[1] <= mw for w in windows):
+            return base
+        Hp, Wp = (H, W) if self.wrap else (H - mh + 1, W - mw + 1)
+        Or = min(2 * mh - 1, H) if self.wrap else 2 * mh - 1
+        Oc = min(2 * mw - 1, W) if self.wrap else 2 * mw - 1
+        return max(base, 4 * Or * Hp * Oc * Wp)
