@@ -140,18 +140,20 @@ def random_ablate(x: torch.Tensor, mode: str, b: int, generator: torch.Generator
     """Training input: one uniformly random band position per image (all ``W`` columns or
     all ``H x W`` blocks), ablated and encoded -> ``[N, 2C, H, W]``.
 
-    ``generator`` must live on ``x``'s device (positions are drawn there).
+    Positions are drawn on ``generator``'s device (a CPU generator works for CUDA images),
+    else on ``x``'s device with the global RNG.
     """
     _check_mode(mode)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise PatchcertError("random_ablate expects images [N, C, H, W]")
     n, (H, W) = x.shape[0], x.shape[-2:]
+    dev = generator.device if generator is not None else x.device
     if mode == "column":
-        pos = torch.randint(0, W, (n,), generator=generator, device=x.device)
+        pos = torch.randint(0, W, (n,), generator=generator, device=dev)
     else:
-        pos = torch.stack([torch.randint(0, H, (n,), generator=generator, device=x.device),
-                           torch.randint(0, W, (n,), generator=generator, device=x.device)], dim=1)
-    return ablate(x, mode, b, pos)
+        pos = torch.stack([torch.randint(0, H, (n,), generator=generator, device=dev),
+                           torch.randint(0, W, (n,), generator=generator, device=dev)], dim=1)
+    return ablate(x, mode, b, pos.to(x.device))
 
 
 class DerandomizedSmoothing(ScoreMapModel):
