@@ -64,7 +64,7 @@ def test_run_directory_layout_and_checkpoint(tmp_path):
     {"model_cfg": {"rf": 5, "width": 4, "shake": True}, "objective": "ce", "objective_cfg": {},
      "optimizer": "sgd", "bf16": True, "channels_last": True},  # global RNG (shake-shake), SGD momentum
     {"objective": "patchguard", "objective_cfg": {"patch": "3x3", "clip_max": 5.0}, "optimizer": "adamw",
-     "weight_decay": 0.01, "eval_defense": {"name": "voting", "binarize": "argmax"}},
+     "weight_decay": 0.01, "eval_patch": "3x3"},  # evaluated with robust masking (window 7x7)
 ])
 def test_resume_is_bit_identical(tmp_path, kw):
     one = _cfg(tmp_path, "one", epochs=3, **kw)
@@ -81,6 +81,9 @@ def test_resume_is_bit_identical(tmp_path, kw):
     assert [{k: v for k, v in r.items() if k not in drop} for r in h1] == \
            [{k: v for k, v in r.items() if k not in drop} for r in h2]
     assert m["epoch"] == 3
+    if kw.get("objective") == "patchguard":
+        assert load_tensors(Path(two.out_dir) / "state.safetensors")[1]["eval_defense"] == {
+            "name": "masking", "window": [7, 7], "threshold": 0.0, "clip_max": 5.0, "features": "logits"}
     # resuming a finished run does nothing and returns the last metrics
     assert train(two, resume=True)["epoch"] == 3
 

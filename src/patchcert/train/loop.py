@@ -192,13 +192,24 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
 
 # -- evaluation ---------------------------------------------------------------------------------
 
-def default_eval_defense(objective: str, cfg: dict | None = None) -> dict[str, Any]:
-    """The defense a model trained with ``objective`` is evaluated (and deployed) with."""
+def default_eval_defense(objective: str, cfg: dict | None = None,
+                         windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The defense a model trained with ``objective`` is evaluated (and deployed) with.
+
+    ``windows``: the evaluation threat's feature windows (PatchGuard's mask window covers
+    them all). BagCert: sign voting, Condition 3.2; PatchGuard: robust masking of clipped
+    logits (T = 0); DS: voting with softmax threshold 0.3 on wrap-around bands; CE: voting
+    on the local argmax.
+    """
     cfg = cfg or {}
     if objective == "bagcert":
         return {"name": "voting", "binarize": "sign", "condition": "3.2"}
     if objective == "patchguard":
-        return {"name": "masking", "feature": "logits", "clip_max": cfg.get("clip_max"), "threshold": 0.0}
+        if not windows:
+            raise PatchcertError("the masking defense needs the evaluation patch window")
+        win = [max(w[0] for w in windows), max(w[1] for w in windows)]
+        return {"name": "masking", "window": win, "threshold": 0.0, "clip_max": cfg.get("clip_max"),
+                "features": "logits"}
     if objective == "ds":
         return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
     return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
@@ -437,7 +448,11 @@ def train(cfg: TrainConfig, resume: bool = False,
             convert_sync_batchnorm(module)
         opt = _make_optimizer(cfg, module.parameters())
         gen = torch.Generator().manual_seed(cfg.seed)
-        eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg)
+        try:
+            eval_windows = patch_windows(model, cfg.eval_patch, eval_set.image_size)
+        except ValueError as e:
+            raise PatchcertError(f"eval_patch: {e}") from None
+        eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg, eval_windows)
         start_epoch = 0
         history: list[dict] = []
         if saved is not None:
