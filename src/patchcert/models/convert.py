@@ -17,12 +17,13 @@ classes of a 1000-class ImageNet model (``"imagenette"``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -31,7 +32,7 @@ from ..errors import CheckpointError, PatchcertError
 log = logging.getLogger(__name__)
 
 __all__ = ["ConversionResult", "read_state_dict", "class_dim_keys", "match_state_dict", "convert_checkpoint",
-           "IMAGENETTE_WNIDS", "IMAGENETTE_IMAGENET_INDICES", "resolve_class_selection"]
+           "IMAGENETTE_WNIDS", "IMAGENETTE_IMAGENET_INDICES", "resolve_class_selection", "skeleton_model"]
 
 #: ImageNette's classes (sorted WordNet ids, the ImageFolder order) and their ImageNet-1k indices.
 IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
@@ -102,14 +103,40 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def class_dim_keys(arch: str, model_cfg: dict[str, Any] | None = None) -> list[str]:
-    """Names of the tensors whose first dimension is the number of classes (built on the meta device)."""
+@contextlib.contextmanager
+def _initialisers_disabled() -> Iterator[None]:
+    """Make ``torch.nn.init``'s public initialisers no-ops (not thread-safe; used for skeletons).
+
+    Random initialisation on the meta device goes through PyTorch's Python reference kernels,
+    whose first use imports the compiler stack (seconds); a skeleton needs no values anyway.
+    """
+    import torch.nn.init as init
+
+    saved = {n: getattr(init, n) for n in dir(init)
+             if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))}
+    for n in saved:
+        setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
+def skeleton_model(arch: str, num_classes: int, **cfg: Any) -> torch.nn.Module:
+    """A registered model built on the meta device without initialisation: names, shapes,
+    geometry and config at no memory or time cost (its tensors hold no values)."""
     from .registry import create_model
 
+    with _initialisers_disabled(), torch.device("meta"):
+        return create_model(arch, num_classes=num_classes, **cfg)
+
+
+def class_dim_keys(arch: str, model_cfg: dict[str, Any] | None = None) -> list[str]:
+    """Names of the tensors whose first dimension is the number of classes (built on the meta device)."""
     cfg = dict(model_cfg or {})
-    with torch.device("meta"):
-        a = create_model(arch, num_classes=2, **cfg).state_dict()
-        b = create_model(arch, num_classes=3, **cfg).state_dict()
+    a = skeleton_model(arch, 2, **cfg).state_dict()
+    b = skeleton_model(arch, 3, **cfg).state_dict()
     keys = []
     for k, v in a.items():
         if v.shape != b[k].shape:
