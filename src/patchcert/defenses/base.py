@@ -290,8 +290,8 @@ def reduce_placements(
     """Worst placement per image: margin ``[N, Hp, Wp]``, class ``[N, Hp, Wp]`` ->
     ``(margin, class, row, col)`` each ``[N]`` (min margin, then lowest class, then row-major first)."""
     N, Hp, Wp = margin.shape
-    m = margin.reshape(N, -1)
-    c = cls.expand(N, Hp, Wp).reshape(N, -1)
+    m = margin.reshape(N, Hp * Wp)
+    c = cls.expand(N, Hp, Wp).reshape(N, Hp * Wp)
     best = m.amin(1)
     cand = m == best[:, None]
     big = torch.iinfo(torch.long).max
