@@ -113,17 +113,18 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     cfg = build_config(args)
     bar = None
-    on_step = None
-    if not args.no_progress and rank == 0:
-        from tqdm import tqdm
 
-        def on_step(done: int, total: int, loss: float) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-            bar.update(1)
-            if done % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
+    def progress(done: int, total: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+        bar.update(1)
+        if done % 20 == 0:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    on_step = progress if not args.no_progress and rank == 0 else None
     try:
         metrics = train(cfg, resume=args.resume, on_step=on_step, stop_after_epoch=args.stop_after)
     finally:

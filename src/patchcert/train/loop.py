@@ -48,7 +48,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_text, load_tensors, save_checkpoint, save_tensors, versions
 from ..data import ImageDataset, iterate_batches, load_dataset, to_float, train_batch
