@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
                 for pp in patches:
                     t0 = time.perf_counter()
                     cert = d.certify(s, y, pp.windows)
-                    chk = attack_and_check(model, d, x, y, pp.shapes, cfg, clean_scores=s32, indices=idx,
+                    chk = attack_and_check(model, d, x, y, pp.text, cfg, clean_scores=s32, indices=idx,
                                            keep_images=bool(png_rows), certified=cert, score_dtype=dtype)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
