@@ -200,6 +200,10 @@ def test_config_types_and_ranges_are_checked(tmp_path):
             TrainConfig.from_dict(bad).validate()
     with pytest.raises(PatchcertError, match="does not take option"):
         train(_cfg(tmp_path, objective_cfg={"margn": 0.5}))
+    with pytest.raises(PatchcertError, match="voting: unknown option"):
+        train(_cfg(tmp_path, eval_defense={"name": "voting", "colour": 1}))
+    with pytest.raises(PatchcertError, match="unknown defense"):
+        train(_cfg(tmp_path, eval_defense={"name": "nope"}))
     with pytest.raises(PatchcertError, match="larger than the training set"):
         train(_cfg(tmp_path, batch_size=1000))
     bad = tmp_path / "bad.toml"

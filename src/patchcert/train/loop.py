@@ -214,6 +214,17 @@ def default_eval_defense(objective: str, cfg: dict | None = None,
     return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
 
 
+def _make_defense(spec: dict[str, Any]):
+    from ..defenses import create_defense
+
+    kw = dict(spec)
+    name = kw.pop("name", None)
+    try:
+        return create_defense(name, **kw)
+    except TypeError as e:
+        raise PatchcertError(f"eval_defense {name!r}: {e}") from None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, patch: str, device: torch.device, batch_size: int = 250,
              bf16: bool = False, defense: dict[str, Any] | None = None) -> dict[str, float]:
@@ -222,10 +233,7 @@ def evaluate(model: nn.Module, data: ImageDataset, patch: str, device: torch.dev
     Under an initialised process group each rank evaluates ``data[rank::world]`` and the
     counts are summed, so every rank returns the accuracies on the whole set.
     """
-    from ..defenses import create_defense
-
-    spec = dict(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"})
-    d = create_defense(spec.pop("name"), **spec)
+    d = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"})
     was = model.training
     model.eval()
     windows = patch_windows(model, patch, data.image_size)
@@ -452,6 +460,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         except ValueError as e:
             raise PatchcertError(f"eval_patch: {e}") from None
         eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg, eval_windows)
+        _make_defense(eval_defense)  # a bad eval_defense fails now, not after the first epoch
         start_epoch = 0
         history: list[dict] = []
         if saved is not None:
