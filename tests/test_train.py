@@ -262,3 +262,15 @@ def test_ds_training_end_to_end(tmp_path):
     meta = load_tensors(Path(cfg.out_dir) / "state.safetensors")[1]
     assert meta["objective"] == {"name": "ds", "mode": "column", "b": 4}
     assert meta["eval_defense"]["wrap"] is True
+
+
+@pytest.mark.data
+def test_image_folder_training_uses_random_crops(tmp_path, shared_data):
+    """ImageNet-style pipeline: train on random crops of the resized images, evaluate on centre crops."""
+    cfg = _cfg(tmp_path, model="bagcert_imagenet", model_cfg={"rf": 17, "width": 2}, dataset="imagenette",
+               data_dir=str(shared_data), dataset_cfg={"limit": 8, "size": 48, "resize": 56}, epochs=1,
+               batch_size=4, eval_examples=4, eval_patch="8x8")
+    m = train(cfg)
+    assert m["epoch"] == 1 and math.isfinite(m["loss"])
+    model = load_model(Path(cfg.out_dir) / "model.safetensors")
+    assert model.checkpoint_meta["data"]["crop"] == 48 and model.checkpoint_meta["data"]["resize"] == 56
