@@ -187,6 +187,8 @@ def test_imagenette_from_shared_data(shared_data):
     assert ds.images.shape == (4, 3, 224, 224) and ds.images.dtype == torch.uint8
     assert ds.num_classes == 10 and ds.classes[0] == "n01440764" and ds.labels.tolist() == [0, 0, 0, 0]
     tr = load_dataset("imagenette", shared_data, train=True, limit=2)  # only val exists here: val images
+    assert torch.equal(tr.images, ds.images[:2]) and "crop" not in tr.info
+    tr = load_dataset("imagenette", shared_data, train=True, train_view=True, limit=2)
     assert tr.images.shape == (2, 3, 256, 256) and tr.info["crop"] == 224
     # the centre crop of the training view is the evaluation image
     assert torch.equal(center_crop(tr.images, 224), ds.images[:2])
@@ -225,6 +227,9 @@ def test_image_folder_resize_and_crop(tmp_path):
     assert tr.images.shape == (3, 3, 40, 40) and tr.info["crop"] == 32
     assert torch.equal(center_crop(tr.images, 32), ds.images)
     assert load_dataset(f"imagefolder:{root}", limit=1, size=32, resize=40).images.shape == (1, 3, 32, 32)
+    assert load_dataset(f"imagefolder:{root}", train=True, limit=1, size=32, resize=40).images.shape == (1, 3, 32, 32)
+    assert load_dataset(f"imagefolder:{root}", train=True, train_view=True, size=32, resize=40).info["crop"] == 32
+    assert load_dataset("synthetic", train=True, train_view=True, n=4).images.shape == (4, 3, 32, 32)
 
 
 def test_image_folder_errors(tmp_path):

@@ -296,9 +296,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
     ``imagenette``: ``train=True`` reads a ``train`` folder (imagenette2 layout) if there is one,
     else the ``val`` folder with a warning (``../shared/data`` holds only 1,000 val images).
     ``synthetic``: the test split is a different draw (seed + 10,000) of the same distribution.
-    Extra options go to the loader (``size``, ``resize``, ``limit`` for image folders; ``n``,
+    ``train_view=True`` (image folders; ignored elsewhere) returns the training view -- images
+    resized but not yet cropped to ``size`` (``info["crop"]``), for :func:`train_batch`'s random
+    crops; by default every split is centre-cropped to ``size``. Extra options go to the loader (``size``, ``resize``, ``limit`` for image folders; ``n``,
     ``num_classes``, ``size``, ``seed`` for synthetic data); CIFAR-10 takes none.
     """
+    train_view = bool(kw.pop("train_view", False))
     if name == "cifar10":
         if kw:
             raise DataError(f"dataset cifar10 takes no options, got {', '.join(sorted(kw))}")
@@ -318,9 +321,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
                     raise DataError(f"no ImageNette folder under {str(base)!r}")
                 if train:
                     log.warning("no ImageNette train split under %s: training on the val images in %s", base, root)
-            return load_image_folder(root, train=train, **kw)
+            return load_image_folder(root, train=train_view, **kw)
         if name.startswith("imagefolder:"):
-            return load_image_folder(name.split(":", 1)[1], train=train, **kw)
+            return load_image_folder(name.split(":", 1)[1], train=train_view, **kw)
     except TypeError as e:
         raise DataError(f"dataset {name!r}: bad option ({e})") from None
     raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagefolder:PATH or synthetic")

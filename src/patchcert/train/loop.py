@@ -435,7 +435,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             log.warning("no training state in %s: starting a new run", out)
 
         ds_kw = dict(cfg.dataset_cfg)
-        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True, **ds_kw)
+        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True, train_view=True, **ds_kw)
         eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
         if cfg.max_train_examples:
             train_set = train_set.subset(cfg.max_train_examples)
