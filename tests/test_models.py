@@ -534,3 +534,50 @@ def test_checkpoint_round_trip(tmp_path, name, cfg, size):
     with torch.no_grad():
         assert torch.equal(m2.score_map(x), m.score_map(x))
     assert m2.config == m.config and m2.geometry == m.geometry
+
+
+class _BandColourBase(torch.nn.Module):
+    """A transparent base classifier: logits = A @ (mean colour of the kept pixels)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight  # [K, C]
+
+    def score_map(self, enc: torch.Tensor) -> torch.Tensor:
+        C = enc.shape[1] // 2
+        kept = (enc[:, :C] + enc[:, C:]).amax(dim=1, keepdim=True)  # 1 at kept pixels
+        colour = enc[:, :C].sum(dim=(2, 3)) / kept.sum(dim=(2, 3))
+        return (colour @ self.weight.T)[:, :, None, None]
+
+
+def test_ds_map_with_voting_gives_the_ds_certificate():
+    """Voting with θ and condition 3.3 on the DS map, windows from feature_window, is Levine &
+    Feizi's certificate: n_y - n_c > 2 (p + b - 1) for every c != y (== allowed when y < c)."""
+    from patchcert import create_defense
+
+    g = torch.Generator().manual_seed(0)
+    b, p, theta, N, K, W = 3, 2, 0.4, 60, 3, 24
+    m = create_model("ds_column", num_classes=K, b=b, base="resnet_small", base_cfg={"width": 2}).eval()
+    m.base = _BandColourBase(20 * torch.randn(K, 3, generator=g, dtype=torch.float64))
+    # images whose colour drifts along the columns, so bands disagree
+    t = torch.linspace(0, 1, W, dtype=torch.float64)
+    a, c = torch.rand(N, 3, 1, 1, generator=g, dtype=torch.float64), torch.rand(N, 3, 1, 1, generator=g, dtype=torch.float64)
+    x = (a + (c - a) * t ** (1 + 3 * torch.rand(N, 1, 1, 1, generator=g, dtype=torch.float64))).expand(N, 3, 5, W)
+    with torch.no_grad():
+        s = m.score_map(x.contiguous())  # [N, K, 1, W]
+    votes = (s.softmax(dim=1) >= theta).sum(dim=(2, 3))  # [N, K] bands voting for each class
+    labels = torch.where(torch.arange(N) % 3 == 0, torch.randint(K, (N,), generator=g), votes.argmax(1))
+    delta = p + b - 1
+    expect = []
+    for n in range(N):
+        y = int(labels[n])
+        ok = all(votes[n, y] - votes[n, c] > 2 * delta or (votes[n, y] - votes[n, c] == 2 * delta and y < c)
+                 for c in range(K) if c != y)
+        expect.append(ok and int(votes[n].argmax()) == y)
+    assert 5 <= sum(expect) <= N - 5, "the test needs both outcomes"
+    window = feature_window(m, (p, p))
+    assert window == (1, delta)
+    got = create_defense("voting", binarize=theta, condition="3.3", wrap=True).certify(s, labels, [window])
+    assert got.tolist() == expect
+    strong = create_defense("voting", binarize=theta, condition="3.2", wrap=True).certify(s, labels, [window])
+    assert bool((strong | ~got).all())  # 3.2 is never weaker than 3.3

@@ -26,8 +26,7 @@ circle and the window bound above still holds.
 from __future__ import annotations
 
 import inspect
-import logging
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,8 +34,6 @@ from ..errors import PatchcertError
 from ..geometry import Geometry
 from .base import ScoreMapModel
 from .registry import create_model, model_entrypoint, register_model
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "ABLATION_MODES",
