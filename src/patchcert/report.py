@@ -780,7 +780,8 @@ def make_report(
 ) -> ReportOutput:
     """Load every run (merging shards), write tables and plots into ``out_dir``.
 
-    Every run is loaded (and validated) before anything is written.
+    ``plots=False`` skips the summary plots; vulnerability maps are drawn whenever
+    ``examples`` are given. Every run is loaded (and validated) before anything is written.
     """
     from .checkpoint import atomic_write_text
 
@@ -821,13 +822,13 @@ def make_report(
                 images.append((title, out / fname))
             else:
                 res.skipped.append(f"{fname}: {why}")
-        if examples:
-            for run in loaded:
-                if not (run.path / SCORES_FILE).is_file():
-                    res.skipped.append(f"vulnerability maps of {run.name}: no {SCORES_FILE} (certify with --save-scores)")
-                    continue
-                for p in plot_vulnerability(run, list(examples), out, patch=map_patch, data_dir=data_dir):
-                    images.append((f"Vulnerability map: {p.stem.removeprefix('vulnerability_')}", p))
+    if examples:
+        for run in loaded:
+            if not (run.path / SCORES_FILE).is_file():
+                res.skipped.append(f"vulnerability maps of {run.name}: no {SCORES_FILE} (certify with --save-scores)")
+                continue
+            for p in plot_vulnerability(run, list(examples), out, patch=map_patch, data_dir=data_dir):
+                images.append((f"Vulnerability map: {p.stem.removeprefix('vulnerability_')}", p))
     res.files += [p for _, p in images]
     lines = ["# patchcert report", "", "Runs: " + ", ".join(f"`{r.path}`" for r in loaded)]
     if att:

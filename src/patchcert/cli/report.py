@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--examples", metavar="I,J,...", help="dataset indices for vulnerability maps (e.g. 0,1,2)")
     p.add_argument("--map-patch", metavar="SPEC", help="patch of the vulnerability maps (default: the run's first)")
     p.add_argument("--data-dir", help="data folder for the images of the maps (default: $PATCHCERT_DATA)")
-    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--no-plots", action="store_true", help="no summary plots (vulnerability maps still with --examples)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line (last line of stdout)")
     p.set_defaults(func=run)
 
