@@ -259,13 +259,22 @@ def test_synthetic_data_is_deterministic_and_splits_differ():
     tr, te = load_dataset("synthetic", train=True, n=8), load_dataset("synthetic", train=False, n=8)
     assert not torch.equal(tr.images, te.images) and torch.equal(tr.labels, te.labels)
     # decidable locally: the mean colour of any 5x5 window identifies the class (4 classes)
-    x = to_float(synthetic_dataset(64, 4, 32).images)
+    x = to_float(synthetic_dataset(64, 4, 32, pattern="colour").images)
     win = torch.nn.functional.avg_pool2d(x, 5, stride=5)  # [64, 3, 6, 6]
     centres = torch.stack([win[i::4].mean((0, 2, 3)) for i in range(4)])
     d = ((win[:, None] - centres[None, :, :, None, None]) ** 2).sum(2)  # [64, 4, 6, 6]
     assert (d.argmin(1) == (torch.arange(64) % 4)[:, None, None]).float().mean() > 0.9
     with pytest.raises(DataError, match="n must be a positive int"):
         synthetic_dataset(0)
+    with pytest.raises(DataError, match="pattern must be"):
+        synthetic_dataset(4, pattern="plaid")
+    # the default pattern is the original one (other tests rely on its exact content)
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randint(0, 96, (8, 3, 16, 16), generator=g).to(torch.float32)
+    for c in range(4):
+        ref[torch.arange(8) % 4 == c, c % 3, c * 4:(c + 1) * 4, :] += 150
+    assert torch.equal(synthetic_dataset(8, 4, 16, seed=5).images, ref.to(torch.uint8))
+    assert torch.equal(load_dataset("synthetic", n=8, num_classes=4, size=16, seed=5).images, ref.to(torch.uint8))
 
 
 def test_image_dataset_validation_and_subset():

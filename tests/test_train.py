@@ -230,7 +230,8 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_training_learns_the_synthetic_task(tmp_path):
-    kw = dict(epochs=3, lr=1e-2, batch_size=8, max_train_examples=64, augment=False, eval_examples=64)
+    kw = dict(epochs=3, lr=1e-2, batch_size=8, max_train_examples=64, augment=False, eval_examples=64,
+              dataset_cfg={"pattern": "colour"})
     m = train(_cfg(tmp_path, "ce", objective="ce", objective_cfg={}, **kw))
     assert m["eval_clean_acc"] >= 0.9  # held-out draw of the synthetic distribution (4 classes)
     m = train(_cfg(tmp_path, "bagcert", **kw))

@@ -257,24 +257,37 @@ def _palette(num_classes: int) -> torch.Tensor:
     return torch.cat([grid, extra])
 
 
-def synthetic_dataset(n: int = 64, num_classes: int = 4, size: int = 32, seed: int = 0) -> ImageDataset:
-    """Learnable toy data, decidable from any small window: class ``c`` is noise around a
-    class colour (``48 + 160 * palette[c]`` per channel, uniform noise of +-40) with a bright
-    stripe at a class-specific row band. Labels cycle ``0, 1, .., K-1``. ``[n, 3, size, size]`` uint8.
+def synthetic_dataset(n: int = 64, num_classes: int = 4, size: int = 32, seed: int = 0,
+                      pattern: str = "stripe") -> ImageDataset:
+    """Learnable toy data ``[n, 3, size, size]`` uint8; labels cycle ``0, 1, .., K-1``.
+
+    ``pattern="stripe"``: noise in [0, 96) with a bright stripe (+150) in channel ``c % 3`` at
+    a class-specific row band -- decidable only by cells that see the stripe.
+    ``pattern="colour"``: noise of +-40 around a class colour (``48 + 160 * palette[c]``) plus a
+    fainter stripe (+60) -- decidable from any small window, so small-receptive-field models
+    (and their certificates) can learn it.
     """
     for name, v in (("n", n), ("num_classes", num_classes), ("size", size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DataError(f"synthetic data: {name} must be a positive int, got {v!r}")
+    if pattern not in ("stripe", "colour"):
+        raise DataError(f"synthetic data: pattern must be 'stripe' or 'colour', got {pattern!r}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    base = 48.0 + 160.0 * _palette(num_classes)[labels]  # [n, 3]
-    imgs = base[:, :, None, None] + torch.randint(-40, 41, (n, 3, size, size), generator=g).to(torch.float32)
     band = max(1, size // num_classes)
-    for c in range(num_classes):
-        idx = labels == c
-        imgs[idx, c % 3, (c * band) % size:(c * band) % size + band, :] += 60
+    if pattern == "stripe":
+        imgs = torch.randint(0, 96, (n, 3, size, size), generator=g).to(torch.float32)
+        for c in range(num_classes):
+            idx = labels == c
+            imgs[idx, c % 3, c * band:(c + 1) * band, :] += 150
+    else:
+        base = 48.0 + 160.0 * _palette(num_classes)[labels]  # [n, 3]
+        imgs = base[:, :, None, None] + torch.randint(-40, 41, (n, 3, size, size), generator=g).to(torch.float32)
+        for c in range(num_classes):
+            idx = labels == c
+            imgs[idx, c % 3, (c * band) % size:(c * band) % size + band, :] += 60
     return ImageDataset(imgs.clamp(0, 255).to(torch.uint8), labels, tuple(f"class{i}" for i in range(num_classes)),
-                        "synthetic", {"dataset": "synthetic", "seed": seed, "n": n, "size": size})
+                        "synthetic", {"dataset": "synthetic", "seed": seed, "n": n, "size": size, "pattern": pattern})
 
 
 # -- by name -----------------------------------------------------------------------------
@@ -295,7 +308,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
 
     ``imagenette``: ``train=True`` reads a ``train`` folder (imagenette2 layout) if there is one,
     else the ``val`` folder with a warning (``../shared/data`` holds only 1,000 val images).
-    ``synthetic``: the test split is a different draw (seed + 10,000) of the same distribution.
+    ``synthetic``: the training split is a different draw (seed + 10,000) of the same
+    distribution as the test split (which is ``synthetic_dataset(seed=seed)`` itself).
     ``train_view=True`` (image folders; ignored elsewhere) returns the training view -- images
     resized but not yet cropped to ``size`` (``info["crop"]``), for :func:`train_batch`'s random
     crops; by default every split is centre-cropped to ``size``. Extra options go to the loader (``size``, ``resize``, ``limit`` for image folders; ``n``,
@@ -309,7 +323,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
     try:
         if name == "synthetic":
             kw = dict(kw)
-            if not train:
+            if train:
                 kw["seed"] = int(kw.get("seed", 0)) + 10_000
             return synthetic_dataset(**kw)
         if name == "imagenette":
