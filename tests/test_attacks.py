@@ -189,6 +189,9 @@ def test_select_candidates_is_argmin_then_diverse():
     wins = [(3, 3), (2, 4)]
     cand = select_candidates(d, scores, labels, wins, locations=3, targets=2)
     assert cand.count == 6
+    chunked = select_candidates(d, scores, labels, wins, locations=3, targets=2, budget=1)  # one example at a time
+    for f in ("shape", "row", "col", "target", "margin", "window"):
+        assert torch.equal(getattr(cand, f), getattr(chunked, f)), f
     e = d.votes(scores)
     for b in range(5):
         best = min(float(class_margins(e, labels, w)[b].min()) for w in wins)

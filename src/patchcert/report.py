@@ -71,6 +71,7 @@ __all__ = [
     "plot_clean_vs_certified",
     "plot_bounds",
     "plot_vulnerability",
+    "region_scores",
     "make_report",
 ]
 
@@ -590,7 +591,7 @@ def plot_bounds(rows: Sequence[ReportRow], path: str | os.PathLike) -> bool:
 
 # -- vulnerability maps (Fig. 6) ----------------------------------------------------------
 
-def _region_scores(defense: Any, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
+def region_scores(defense: Any, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Per-cell evidence the defense sums ``[N, K, H, W]`` and its name."""
     for attr, what in (("votes", "votes"), ("clipped", "clipped scores"), ("features_of", "clipped features")):
         fn = getattr(defense, attr, None)
@@ -698,7 +699,7 @@ def plot_vulnerability(
             win = tuple(worst.window) if worst is not None else windows[0]
             shapes = [tuple(map(int, t.split("x"))) for t in r.resolved.split(",") if _RECT.match(t)]
             shape = next((sh for sh in shapes if geom.window(sh) == win), shapes[0] if shapes else (1, 1))
-            ev, what = _region_scores(d, s)
+            ev, what = region_scores(d, s)
             mm = d.margin_map(s, y, win)[0] if callable(getattr(d, "margin_map", None)) else None
             # panel 1: the image with the pixel patch of the worst placement
             a0, a1, a2 = ax

@@ -142,6 +142,7 @@ def select_candidates(
     wrap: bool = False,
     locations: int = 1,
     targets: int = 1,
+    budget: int = 1 << 24,
 ) -> Candidates:
     """BagCert A.2's ``l*, c* = argmin_{l, c} margin`` generalised to the ``locations`` best
     placements (over all window shapes; later picks must not overlap an earlier one by half a
@@ -149,7 +150,24 @@ def select_candidates(
 
     ``scores [N, K, H, W]``, ``windows[i]`` the feature window of pixel shape i. Returns
     :class:`Candidates` with ``C = locations * targets`` columns ordered best first.
+    Examples are processed in chunks whose per-class margins (``K x placements x shapes``
+    float64 values each) fit in ``budget`` elements.
     """
+    N, K, H, W = scores.shape
+    per_example = max(1, K * H * W * max(1, len(windows)) * 2)
+    chunk = max(1, budget // per_example)
+    if N > chunk:
+        parts = [_select_chunk(defense, scores[i:i + chunk], labels[i:i + chunk], windows, wrap, locations, targets)
+                 for i in range(0, N, chunk)]
+        return Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("shape", "row", "col", "target", "margin", "window")))
+    return _select_chunk(defense, scores, labels, windows, wrap, locations, targets)
+
+
+def _select_chunk(
+    defense: Any, scores: torch.Tensor, labels: torch.Tensor, windows: Sequence[tuple[int, int]], wrap: bool,
+    locations: int, targets: int,
+) -> Candidates:
     N, K = scores.shape[:2]
     dev = scores.device
     e = evidence(defense, scores)

@@ -143,8 +143,9 @@ def _append(path: Path, records: list[dict]) -> None:
 
 
 def _save_png(path: Path, image, adv, votes_clean, votes_adv, res_i: dict, label: int, pred: int,
-              classes: list[str], defense_key: str, patch: str, certified: bool, reach) -> None:
-    """Original (patch outlined) / attacked / target-class votes before and after (R(l) outlined)."""
+              classes: list[str], defense_key: str, patch: str, certified: bool, reach, what: str = "votes") -> None:
+    """Original (patch outlined) / attacked / the target class's region scores (votes for
+    voting) before and after the attack, the cells the patch can reach outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,10 +167,12 @@ def _save_png(path: Path, image, adv, votes_clean, votes_adv, res_i: dict, label
         ax[1].set_title(f"attacked: pred {name(res_i['adv_pred'])}\n{ok}", fontsize=9,
                         color="red" if res_i["success"] else "black")
     tgt = res_i.get("target")
-    what = f"target {name(tgt)}" if tgt is not None else f"predicted {name(pred)}"
+    who = f"target {name(tgt)}" if tgt is not None else f"predicted {name(pred)}"
+    lo = float(min(votes_clean.min(), votes_adv.min()))
+    hi = float(max(votes_clean.max(), votes_adv.max()))
     for k, (v, title) in enumerate(((votes_clean, "before"), (votes_adv, "after"))):
-        im = ax[2 + k].imshow(v.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        ax[2 + k].set_title(f"votes for {what}\n({title} the attack)", fontsize=9)
+        im = ax[2 + k].imshow(v.numpy(), cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9), interpolation="nearest")
+        ax[2 + k].set_title(f"{what} of {who}\n({title} the attack)", fontsize=9)
         fig.colorbar(im, ax=ax[2 + k], fraction=0.046, pad=0.04)
     if res_i.get("pixel") is not None:
         (py, px), (ph, pw) = res_i["pixel"], res_i["patch"]
@@ -224,7 +227,8 @@ def _print_table(summary: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..attacks import affected_mask, attack_and_check, evidence
+    from ..attacks import affected_mask, attack_and_check
+    from ..report import region_scores
     from ..certify import DTYPES, build_defenses, plan_patches
     from ..checkpoint import atomic_write_text, file_sha256, versions
     from ..data import to_float
@@ -344,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
                     if png_rows:
                         with torch.no_grad():
                             adv_s = model.score_map(res.adv_images[png_rows]).to(dtype)
-                        ev_c, ev_a = evidence(d, s[png_rows]), evidence(d, adv_s)
+                        (ev_c, what), (ev_a, _) = region_scores(d, s[png_rows]), region_scores(d, adv_s)
                         for j, k in enumerate(png_rows):
                             e = batch[k]["defenses"][dp.key]["attack"][pp.text]
                             tgt = e["target"] if e["target"] is not None else int(pred[k])
@@ -354,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
                                                       e["patch"][0], e["patch"][1], tuple(s.shape[-2:]))[0]
                             _save_png(out / "png" / f"{int(idx[k]):06d}_{_safe(dp.key)}_{_safe(pp.text)}.png",
                                       x[k].cpu(), res.adv_images[k].cpu(), ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e,
-                                      int(y[k]), int(pred[k]), classes, dp.key, pp.text, bool(chk.certified[k]), reach)
+                                      int(y[k]), int(pred[k]), classes, dp.key, pp.text, bool(chk.certified[k]), reach,
+                                      what)
             _append(out / RECORDS, batch)
             records.extend(batch)
             if bar is not None:
