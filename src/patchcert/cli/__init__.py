@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 VERBS = ["models", "train", "certify", "attack", "report", "convert"]
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"patchcert {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `patchcert models --json | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print(f"patchcert {args.verb}: interrupted (finished work is saved; rerun with --resume)", file=sys.stderr)
         return 130

@@ -98,11 +98,12 @@ class BagCertNet(ScoreMapModel):
         input_size: tuple[int, int] | None,
         arch: str,
         config: dict,
+        in_chans: int = 3,
     ) -> None:
         super().__init__(mean, std)
         assert len(kernels) == 9 and len(widths) == 9 and len(strides) == 9
         self.arch, self.config, self.num_classes = arch, dict(config), num_classes
-        self.stem = nn.Sequential(*_conv_bn(3, widths[0], kernels[0], strides[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*_conv_bn(in_chans, widths[0], kernels[0], strides[0]), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(
             *[Block(widths[i - 1], widths[i], kernels[i], strides[i], shake) for i in range(1, 9)]
         )
@@ -123,22 +124,34 @@ class BagCertNet(ScoreMapModel):
         return self.head(f)
 
 
+def _norm(in_chans: int, mean, std):
+    """Dataset statistics for RGB input; [0, 1] -> [-1, 1] for other channel counts (e.g. DS's 6)."""
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise PatchcertError(f"in_chans must be a positive int, got {in_chans!r}")
+    return (mean, std) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+
+
 @register_model
-def bagcert_cifar(num_classes: int = 10, rf: int = 7, width: int = 64, shake: bool = False) -> BagCertNet:
+def bagcert_cifar(num_classes: int = 10, rf: int = 7, width: int = 64, shake: bool = False,
+                  in_chans: int = 3) -> BagCertNet:
     """BagCert CIFAR-10 net (32x32 in, 32x32 map, stride 1). Paper: width 768, shake-shake."""
     if rf not in CIFAR_KERNELS:
         raise PatchcertError(f"bagcert_cifar: rf must be one of {sorted(CIFAR_KERNELS)}, got {rf!r}")
     if not isinstance(width, int) or width < 1:
         raise PatchcertError(f"bagcert_cifar: width must be a positive int, got {width!r}")
     cfg = {"rf": rf, "width": width, "shake": bool(shake)}
+    if in_chans != 3:
+        cfg["in_chans"] = in_chans
+    mean, std = _norm(in_chans, CIFAR10_MEAN, CIFAR10_STD)
     return BagCertNet(
         CIFAR_KERNELS[rf], (width,) * 9, (1,) * 9, num_classes, bool(shake),
-        CIFAR10_MEAN, CIFAR10_STD, (32, 32), "bagcert_cifar", cfg,
+        mean, std, (32, 32), "bagcert_cifar", cfg, in_chans,
     )
 
 
 @register_model
-def bagcert_imagenet(num_classes: int = 1000, rf: int = 17, width: int = 64, shake: bool = False) -> BagCertNet:
+def bagcert_imagenet(num_classes: int = 1000, rf: int = 17, width: int = 64, shake: bool = False,
+                     in_chans: int = 3) -> BagCertNet:
     """BagCert ImageNet net (224 in, stride 2 in blocks 1 and 3 -> 56x56 map).
 
     Widths are ``width`` x (1, 1, 1, 2, 2, 4, 4, 8, 8) (the paper: width=64).
@@ -148,9 +161,12 @@ def bagcert_imagenet(num_classes: int = 1000, rf: int = 17, width: int = 64, sha
     if not isinstance(width, int) or width < 1:
         raise PatchcertError(f"bagcert_imagenet: width must be a positive int, got {width!r}")
     cfg = {"rf": rf, "width": width, "shake": bool(shake)}
+    if in_chans != 3:
+        cfg["in_chans"] = in_chans
+    mean, std = _norm(in_chans, IMAGENET_MEAN, IMAGENET_STD)
     mult = (1, 1, 1, 2, 2, 4, 4, 8, 8)
     strides = (1, 2, 1, 2, 1, 1, 1, 1, 1)
     return BagCertNet(
         IMAGENET_KERNELS[rf], tuple(width * m for m in mult), strides, num_classes, bool(shake),
-        IMAGENET_MEAN, IMAGENET_STD, None, "bagcert_imagenet", cfg,
+        mean, std, None, "bagcert_imagenet", cfg, in_chans,
     )

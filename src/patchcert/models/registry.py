@@ -33,10 +33,16 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, num_classes: int = 10, **cfg) -> nn.Module:
-    """Build a registered model. ``cfg`` are the factory's keyword arguments."""
+def create_model(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
+    """Build a registered model. ``cfg`` are the factory's keyword arguments.
+
+    ``num_classes=None`` keeps the factory's default (10 for CIFAR models, 1000 for ImageNet ones).
+    """
     fn = model_entrypoint(name)
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if num_classes is None:
+        default = inspect.signature(fn).parameters.get("num_classes")
+        num_classes = default.default if default is not None and default.default is not inspect.Parameter.empty else 10
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise PatchcertError(f"num_classes must be a positive int, got {num_classes!r}")
     params = inspect.signature(fn).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
