@@ -243,3 +243,66 @@ def test_cli_json_and_bad_examples(tmp_path, capsys):
     rc = main(["report", str(run), "--out", str(tmp_path / "rep"), "--examples", "1,x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--examples" in err[0]
+
+
+# -- end to end: certify -> attack -> report on a tiny checkpoint ------------------------------
+
+def _tiny_checkpoint(path: Path) -> Path:
+    import torch.nn as nn
+
+    from patchcert.checkpoint import save_checkpoint
+    from patchcert.models import list_models, register_model
+    from patchcert.models.base import ScoreMapModel, trace_geometry
+
+    class ReportTestNet(ScoreMapModel):
+        def __init__(self, num_classes: int = 4) -> None:
+            super().__init__((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+            self.arch, self.config, self.num_classes = "report_test_net", {}, num_classes
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.head = nn.Conv2d(6, num_classes, 1)
+            self.geometry = trace_geometry([(3, 1, 1), (1, 1, 0)], input_size=(16, 16))
+
+        def forward_features(self, x):
+            return torch.relu(self.conv(x))
+
+        def forward_head(self, f):
+            return self.head(f)
+
+    if "report_test_net" not in list_models():
+        def report_test_net(num_classes: int = 4) -> ReportTestNet:
+            return ReportTestNet(num_classes)
+
+        register_model(report_test_net)
+    torch.manual_seed(1)
+    model = ReportTestNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    save_checkpoint(path, model, classes=[f"class{i}" for i in range(4)], data={"dataset": "synthetic", "seed": 0})
+    return path
+
+
+def test_certify_attack_report_end_to_end(tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    common = ["--model", str(ckpt), "--dataset", "synthetic", "-n", "12", "--patch", "3x3", "--no-progress", "--json"]
+    assert main(["certify", *common, "--patch", "area=4", "--save-scores", "--out", str(tmp_path / "cert")]) == 0
+    cert = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["attack", *common, "--steps", "20", "--step-size", "0.1", "--out", str(tmp_path / "att")]) == 0
+    att = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rc = main(["report", str(tmp_path / "cert"), "--attack", str(tmp_path / "att"), "--out", str(tmp_path / "rep"),
+               "--examples", "0,5", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["defense"], r["patch"]): r for r in doc["rows"]}
+    c = next(r for r in cert["results"] if r["patch"] == "3x3")
+    a = att["results"][0]
+    row = rows[(c["defense"], "3x3")]
+    assert row["certified_accuracy"] == c["certified_accuracy"] == a["certified_accuracy"]
+    assert row["clean_accuracy"] == c["clean_accuracy"] == a["clean_accuracy"]
+    assert row["robust_accuracy"] == a["robust_accuracy"] and row["attack"] == "att"
+    assert rows[(c["defense"], "area=4")]["robust_accuracy"] is None
+    names = sorted(Path(f).name for f in doc["files"] if f.endswith(".png"))
+    assert names == ["accuracy_bounds.png", "certified_vs_aspect_ratio.png", "certified_vs_square_patch.png",
+                     "clean_vs_certified.png", "vulnerability_cert_0.png", "vulnerability_cert_5.png"]
+    for n in names:
+        _valid_png(tmp_path / "rep" / n)

@@ -613,15 +613,19 @@ def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.P
         if kind == "cifar10":
             ds = load_dataset("cifar10", data_dir, train=split == "train")
         elif kind == "synthetic":
-            ds = load_dataset("synthetic", n=int(data.get("num_examples_total") or need), num_classes=meta.num_classes,
-                              size=int(meta.image_size[0]), seed=int(data.get("seed") or 0))
+            opts = {"n": int(data.get("n") or data.get("num_examples_total") or need),
+                    "num_classes": meta.num_classes or len(meta.classes) or 10,
+                    "size": int(data.get("size") or meta.image_size[0]), "seed": int(data.get("seed") or 0)}
+            if data.get("pattern"):
+                opts["pattern"] = str(data["pattern"])
+            ds = load_dataset("synthetic", **opts)  # the recorded seed already names the split's draw
         elif kind in ("imagefolder", "imagenette"):
             kw = {k: int(data[k]) for k in ("size", "resize") if data.get(k)}
             name = str(data.get("name") or "")
-            if name.startswith("imagefolder:") and data.get("root") and kind == "imagefolder" and "imagenette" not in name:
+            if kind == "imagefolder" and data.get("root") and "imagenette" not in name:
                 ds = load_dataset(f"imagefolder:{data['root']}", limit=need, **kw)
             else:
-                ds = load_dataset("imagenette", data_dir, limit=need, **kw)
+                ds = load_dataset("imagenette", data_dir, train=split == "train", limit=need, **kw)
         else:
             log.warning("images of dataset %r cannot be reloaded; vulnerability maps without the image", kind or "?")
             return {}, None

@@ -56,6 +56,7 @@ def register(sub) -> None:
     g.add_argument("--model-cfg", metavar="JSON", help="options of a registry model, e.g. '{\"width\": 32}'")
     g.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic "
                                      "(default: the checkpoint's, else cifar10)")
+    g.add_argument("--dataset-cfg", metavar="JSON", help="dataset loader options (as patchcert certify)")
     g.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
     g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
     g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
@@ -91,6 +92,17 @@ def register(sub) -> None:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+def _with_certify_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` completed with the defaults of every ``patchcert certify`` option, so that its
+    model/data helpers (reused here) find every attribute they read."""
+    from . import certify
+
+    p = argparse.ArgumentParser(add_help=False)
+    certify.register(p.add_subparsers(dest="verb"))
+    base = p.parse_args(["certify"])
+    return argparse.Namespace(**{**vars(base), **vars(args)})
+
 
 def _attack_config(args: argparse.Namespace):
     from ..attacks import PatchAttackConfig
@@ -229,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..attacks import affected_mask, attack_and_check
     from ..report import region_scores
-    from ..certify import DTYPES, build_defenses, plan_patches
+    from ..certify import DTYPES, _state_dict_sha256, build_defenses, plan_patches
     from ..checkpoint import atomic_write_text, file_sha256, versions
     from ..data import to_float
     from ..runtime import harden, resolve_device
@@ -248,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _attack_config(args)
     device = resolve_device(args.device)
     harden(args.seed)
-    model, data = _load_model_and_data(args, device)
+    model, data = _load_model_and_data(_with_certify_defaults(args), device)
     geom = model.geometry
     image_size = data.image_size
     if int(model.num_classes) != data.num_classes:
@@ -271,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "format": 1, "kind": "attack",
         "model": str(getattr(model, "arch", type(model).__name__)),
-        "model_sha256": file_sha256(ckpt) if ckpt else None, "checkpoint": str(ckpt) if ckpt else None,
+        "model_sha256": file_sha256(ckpt) if ckpt else _state_dict_sha256(model),
+        "model_hash_of": "file" if ckpt else "state_dict", "checkpoint": str(ckpt) if ckpt else None,
         "model_config": dict(getattr(model, "config", {}) or {}),
         "data": {"name": data.name, "num_examples_total": len(data), **data.info},
         "start": args.start, "num_examples": n, "split": args.split,
@@ -394,7 +407,8 @@ def run(args: argparse.Namespace) -> int:
                 "defense_config": dp.config,
             })
     summary = {"n": n, "results": results, "soundness_failures": len(failures),
-               "metadata": {**{k: config[k] for k in ("model", "model_sha256", "checkpoint", "model_config", "data",
+               "metadata": {**{k: config[k] for k in ("model", "model_sha256", "model_hash_of", "checkpoint",
+                                                        "model_config", "data",
                                                         "start", "geometry", "image_size", "dtype", "seed")},
                             "num_examples": n, "attack": config["attack"], "device": str(device),
                             "versions": versions(), "command": "patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
