@@ -189,7 +189,7 @@ def test_records_equal_direct_defense_calls():
                     got = torch.tensor([r.defenses[dp.key].shapes[p][f"{sh[0]}x{sh[1]}"] for r in run.records])
                     assert torch.equal(got, c)
         # largest square: certified at that side, not at the next (brute force, per image)
-        for i, r in enumerate(run.records):
+        for i, r in enumerate(run.records[:12]):
             s = r.defenses[dp.key].largest_square
             one = (scores[i:i + 1], sf.labels[i:i + 1])
             if s > 0:

@@ -23,12 +23,12 @@ def available():
 
 @st.composite
 def problems(draw):
-    n = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 4))
     k = draw(st.integers(2, 4))
     H, W = draw(st.integers(2, 9)), draw(st.integers(2, 9))
     rf = draw(st.integers(1, 4))
     stride = draw(st.integers(1, 2))
-    cap = draw(st.integers(1, 12))
+    cap = draw(st.integers(1, 8))
     seed = draw(st.integers(0, 2**31 - 1))
     discrete = draw(st.booleans())  # small integers: many exact ties
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def brute_force(defense, scores, labels, geom, cap):
     return torch.tensor(out)
 
 
-@settings(max_examples=120)
+@settings(max_examples=50)
 @given(problems())
 def test_bisection_equals_linear_scan(problem):
     scores, labels, geom, cap, spec = problem
@@ -67,18 +67,15 @@ def test_bisection_equals_linear_scan(problem):
     assert torch.equal(largest_certified_square(d, scores, labels, windows, "scan"), ref)
 
 
-@settings(max_examples=60)
-@given(problems(), st.integers(1, 4), st.integers(1, 4))
-def test_certificates_are_monotone_in_the_window(problem, dh, dw):
+@settings(max_examples=50)
+@given(problems(), st.integers(1, 9), st.integers(1, 9), st.integers(0, 3), st.integers(0, 3))
+def test_certificates_are_monotone_in_the_window(problem, wh, ww, dh, dw):
     """What the bisection relies on: certified against a window => against every smaller one."""
     scores, labels, geom, cap, spec = problem
-    d = build_defenses([spec], default_window=(9, 9))[0].defense
-    H, W = scores.shape[-2:]
-    for wh in range(1, H + 1):
-        for ww in range(1, W + 1):
-            big = d.certify(scores, labels, [(min(wh + dh, H + 1), min(ww + dw, W + 1))])
-            small = d.certify(scores, labels, [(wh, ww)])
-            assert bool((small | ~big).all())
+    d = build_defenses([spec], default_window=(5, 5))[0].defense
+    big = d.certify(scores, labels, [(wh + dh, ww + dw)])
+    small = d.certify(scores, labels, [(wh, ww)])
+    assert bool((small | ~big).all())
 
 
 def test_strided_geometry_dedupes_windows():

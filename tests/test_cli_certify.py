@@ -192,6 +192,22 @@ def test_default_model(tmp_path, capsys, monkeypatch, ckpt):
     assert obj["n"] == 4 and obj["results"][0]["defense"] == "voting(sign,3.2)" and obj["results"][0]["patch"] == "5x5"
 
 
+def test_dataset_options_follow_the_checkpoint(tmp_path, capsys):
+    """A model trained on synthetic 'colour' data (seed 7) is certified on that data's test split."""
+    p = tmp_path / "colour.safetensors"
+    save_checkpoint(p, tiny_model(), classes=[f"class{i}" for i in range(4)],
+                    data={"dataset": "synthetic", "seed": 7, "pattern": "colour"},
+                    train_config={"dataset": "synthetic", "dataset_cfg": {"pattern": "colour", "seed": 7}})
+    rc, out, err = cli(capsys, "--model", p, "-n", 4, "--out", tmp_path / "r", "--no-progress", "--square-cap", 4)
+    assert rc == 0, err
+    data = load_run(tmp_path / "r")[0].metadata.data
+    assert data["pattern"] == "colour" and data["seed"] == 7 and data["name"] == "synthetic"
+    rc, out, err = cli(capsys, "--model", p, "-n", 4, "--out", tmp_path / "r2", "--no-progress", "--square-cap", 4,
+                       "--dataset-cfg", '{"pattern": "stripe"}')
+    assert rc == 0, err
+    assert load_run(tmp_path / "r2")[0].metadata.data["pattern"] == "stripe"
+
+
 # -- bad input: one line, exit 2, nothing that looks finished ---------------------------------
 
 def _imagefolder(root: Path, classes: int, per_class: int = 2, size: int = 32) -> Path:
@@ -219,6 +235,8 @@ def _imagefolder(root: Path, classes: int, per_class: int = 2, size: int = 32) -
     ("class_mismatch", "the model has 4 classes but imagefolder:imgs has 3"),
     ("missing_scores", "score file"),
     ("bad_model_cfg", "--model-cfg is not valid JSON"),
+    ("bad_dataset_cfg", "--dataset-cfg must be a JSON object"),
+    ("cifar_options", "takes no options"),
     ("scores_and_model", "--scores certifies cached score maps"),
     ("merge_nothing", "no shard directories"),
 ])
@@ -239,6 +257,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, ckpt, case, match):
         "class_mismatch": ["--model", ckpt, "--dataset", f"imagefolder:{tmp_path / 'imgs'}", "--out", out],
         "missing_scores": ["--scores", tmp_path / "none.safetensors", "--out", out],
         "bad_model_cfg": ["--model", "bagcert_cifar", "--model-cfg", "{width", "--out", out],
+        "bad_dataset_cfg": ["--model", ckpt, "--dataset-cfg", "[1]", "--out", out],
+        "cifar_options": ["--model", ckpt, "--dataset", "cifar10", "--data-dir", tmp_path, "--dataset-cfg",
+                          '{"n": 3}', "--out", out],
         "scores_and_model": ["--scores", tmp_path / "x.safetensors", "--model", ckpt, "--out", out],
         "merge_nothing": ["--merge", tmp_path],
     }[case]

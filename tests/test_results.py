@@ -77,7 +77,7 @@ def _template(keys=("voting(sign,3.2)", "masking(logits,0)")) -> list[ResultRow]
     return [ResultRow(k, {"name": k}, p, "5x5", [[11, 11]], 0.0, 0.0, 1e-4) for k in keys for p in PATCHES]
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(records_st())
 def test_record_json_round_trip(records):
     text = records_to_jsonl(records)
@@ -144,7 +144,7 @@ def test_append_and_repair(tmp_path):
     assert repair_records(tmp_path / "absent.jsonl") == []
 
 
-@settings(max_examples=40)
+@settings(max_examples=25)
 @given(records_st())
 def test_summarize_counts(records):
     md = _meta(num_examples=len(records))

@@ -218,7 +218,7 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
                 raise PatchcertError(f"defense {spec.text!r}: bad parameters ({e})") from None
         else:
             spec, d = None, s
-        for meth in ("predict", "certify"):
+        for meth in ("predict", "certify", "certify_details"):
             if not callable(getattr(d, meth, None)):
                 raise PatchcertError(f"defense {s!r} has no {meth}()")
         key = _defense_key(d, spec)
@@ -283,30 +283,6 @@ def square_windows(geometry: Geometry, cap: int) -> list[tuple[int, int]]:
 
 
 # -- one batch ---------------------------------------------------------------------------
-
-@dataclass
-class _Details:
-    certified: torch.Tensor
-    per_window: torch.Tensor
-    margin: torch.Tensor | None
-    window_index: torch.Tensor | None
-    row: torch.Tensor | None
-    col: torch.Tensor | None
-    worst_class: torch.Tensor | None
-
-
-def _certify_details(defense: Any, scores: torch.Tensor, labels: torch.Tensor,
-                     windows: Sequence[tuple[int, int]]) -> _Details:
-    """The defense's ``certify_details``; until every defense has it, per-window ``certify``
-    calls (margins unknown -> null in the records)."""
-    fn = getattr(defense, "certify_details", None)
-    if callable(fn):
-        r = fn(scores, labels, list(windows))
-        return _Details(r.certified, r.per_window, r.margin, r.window_index, r.row, r.col, r.worst_class)
-    per = torch.stack([defense.certify(scores, labels, [w]) for w in windows], 1)
-    cert = defense.certify(scores, labels, list(windows))
-    return _Details(cert, per, None, None, None, None, None)
-
 
 def largest_certified_square(defense: Any, scores: torch.Tensor, labels: torch.Tensor,
                              windows: Sequence[tuple[int, int]], method: str = "bisect") -> torch.Tensor:
@@ -397,7 +373,7 @@ def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[
         out: dict[str, Any] = {"pred": pred.tolist(), "patches": {}}
         for pp in patches:
             t0 = time.perf_counter()
-            det = _certify_details(d, scores, labels, pp.windows)
+            det = d.certify_details(scores, labels, pp.windows)
             timer.sync()
             timer.add(f"{dp.key}|patch|{pp.text}", time.perf_counter() - t0)
             cert = det.certified.to(torch.bool)
@@ -405,18 +381,11 @@ def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[
                 bad = int(torch.nonzero(cert & (pred != labels))[0])
                 raise RuntimeError(f"internal error: {dp.key} certified example {indices[bad]} for {pp.text} "
                                    "but predicts another class (please report)")
-            entry: dict[str, Any] = {"certified": cert.tolist(), "worst": [None] * B, "shapes": None}
-            if det.margin is not None:
-                margin = det.margin.tolist()
-                wi, rr, cc, wc = (det.window_index.tolist(), det.row.tolist(), det.col.tolist(),
-                                  det.worst_class.tolist())
-                worst: list[WorstCase | None] = []
-                for i in range(B):
-                    if 0 <= wi[i] < len(pp.windows):
-                        worst.append(WorstCase(margin[i], pp.windows[wi[i]], rr[i], cc[i], wc[i]))
-                    else:
-                        worst.append(None)
-                entry["worst"] = worst
+            entry: dict[str, Any] = {"certified": cert.tolist(), "shapes": None}
+            margin = det.margin.tolist()
+            wi, rr, cc, wc = det.window_index.tolist(), det.row.tolist(), det.col.tolist(), det.worst_class.tolist()
+            entry["worst"] = [WorstCase(margin[i], pp.windows[wi[i]], rr[i], cc[i], wc[i])
+                              if 0 <= wi[i] < len(pp.windows) else None for i in range(B)]
             if len(pp.shapes) > 1:
                 pw = det.per_window.to(torch.bool)[:, pp.shape_window].tolist()  # [B, shapes]
                 names = [f"{a}x{b}" for a, b in pp.shapes]

@@ -25,8 +25,12 @@ One record (``records.jsonl`` line; PATCH is the patch spec as written, KEY the 
          "largest_square": 7,
          "shapes": {"area=24": {"1x24": false, "2x12": true, ...}}}}}
 
-``worst[PATCH]`` is null when the defense reports no placement (or, before the defenses
-provided ``certify_details``, no margins); a non-finite margin is written as null. ``shapes`` is
+``worst[PATCH]`` is the defense's ``certify_details`` worst case: the smallest margin over the
+patch's windows, placements and competing classes (``> 0`` certified; ``== 0`` certified iff
+``class > label``); ``window`` the feature window ``[wh, ww]``, ``row``/``col`` the top-left cell
+of the placement on the score map (``-1`` when the worst case is not a placement: a window
+larger than the map, or an image already misclassified), ``class`` the competing class (-1 if
+none). A non-finite margin (``-inf``: not certifiable at all) is written as null. ``shapes`` is
 present only for patch specs that allow several pixel rectangles (``area=A``) and says, per
 rectangle, whether the image is certified against that rectangle alone. ``largest_square`` is
 null when the run was made with ``square_cap=0``.

@@ -57,6 +57,8 @@ def register(sub) -> None:
     g.add_argument("--scores", metavar="FILE", help="certify cached score maps (scores.safetensors) instead of a model")
     g.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic "
                                      "(default: the checkpoint's, else cifar10)")
+    g.add_argument("--dataset-cfg", metavar="JSON", help="dataset loader options, e.g. '{\"pattern\": \"colour\"}' "
+                                                        "(synthetic) or '{\"size\": 224, \"resize\": 256}' (folders)")
     g.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
     g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
     g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
@@ -89,15 +91,7 @@ _CKPT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".tar", ".bin")
 
 
 def _model_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.model_cfg:
-        return {}
-    try:
-        cfg = json.loads(args.model_cfg)
-    except json.JSONDecodeError as e:
-        raise PatchcertError(f"--model-cfg is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise PatchcertError("--model-cfg must be a JSON object, e.g. '{\"width\": 32}'")
-    return cfg
+    return _json_object(args.model_cfg, "--model-cfg")
 
 
 def _classify_model(name: str | None) -> str:
@@ -130,23 +124,51 @@ def _checkpoint_dataset(model: Any) -> str | None:
     return None
 
 
-def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, input_size: Any):
+def _checkpoint_dataset_cfg(model: Any) -> dict[str, Any]:
+    meta = getattr(model, "checkpoint_meta", None) or {}
+    tc = meta.get("train_config") if isinstance(meta, dict) else None
+    cfg = tc.get("dataset_cfg") if isinstance(tc, dict) else None
+    return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PatchcertError(f"{flag} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise PatchcertError(f"{flag} must be a JSON object")
+    return obj
+
+
+def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, input_size: Any,
+               ckpt_cfg: dict[str, Any] | None = None):
+    """The dataset: loader options from the model (input size, classes), then the checkpoint's
+    training ``dataset_cfg`` (same dataset only), then ``--dataset-cfg``."""
     from ..data import load_dataset
 
+    user = _json_object(args.dataset_cfg, "--dataset-cfg")
+    ckpt_cfg = ckpt_cfg or {}
     count = None if args.num_examples is None or args.num_examples < 1 else args.start + args.num_examples
-    if name == "synthetic":
-        size = int(input_size[0]) if input_size else 32
-        return load_dataset("synthetic", n=count or 64, num_classes=num_classes or 10, size=size,
-                            seed=args.seed if args.seed is not None else 0)
     kw: dict[str, Any] = {}
-    if name == "imagenette" or name.startswith("imagefolder:"):
-        if args.split == "train":
-            log.warning("--split is ignored for image folders: certifying the folder as it is")
+    if name == "synthetic":
+        kw = {"n": count or 64, "num_classes": num_classes or 10,
+              "size": int(input_size[0]) if input_size else 32, "seed": args.seed}
+        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("seed", "pattern")})
+        if num_classes is None and "num_classes" in ckpt_cfg:
+            kw["num_classes"] = ckpt_cfg["num_classes"]
+    elif name == "imagenette" or name.startswith("imagefolder:"):
+        if name.startswith("imagefolder:") and args.split == "train":
+            log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
         if input_size and input_size[0] == input_size[1]:
             kw["size"] = int(input_size[0])
             kw["resize"] = max(kw["size"], round(kw["size"] * 256 / 224))
+        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("size", "resize")})
         if count is not None:
             kw["limit"] = count
+    kw.update(user)
     return load_dataset(name, args.data_dir, train=args.split == "train", **kw)
 
 
@@ -177,8 +199,10 @@ def _load_model_and_data(args: argparse.Namespace, device: Any):
             model = load_model(args.model, device=device)
     else:
         model = load_pretrained(args.model if kind == "pretrained" else None, device=device)
-    ds = args.dataset or _checkpoint_dataset(model) or "cifar10"
-    data = _load_data(ds, args, int(model.num_classes), model.geometry.input_size)
+    ckpt_ds = _checkpoint_dataset(model)
+    ds = args.dataset or ckpt_ds or "cifar10"
+    data = _load_data(ds, args, int(model.num_classes), model.geometry.input_size,
+                      _checkpoint_dataset_cfg(model) if ds == ckpt_ds else None)
     return model, data
 
 
@@ -273,8 +297,8 @@ def run(args: argparse.Namespace) -> int:
         raise PatchcertError("sharded runs need --out RUN (the same for every shard)")
     if args.resume and not args.out:
         raise PatchcertError("--resume needs --out RUN")
-    if args.scores and (args.model or args.dataset or args.model_cfg):
-        raise PatchcertError("--scores certifies cached score maps: drop --model/--model-cfg/--dataset")
+    if args.scores and (args.model or args.dataset or args.model_cfg or args.dataset_cfg):
+        raise PatchcertError("--scores certifies cached score maps: drop --model/--model-cfg/--dataset/--dataset-cfg")
     if args.scores and args.save_scores:
         raise PatchcertError("--save-scores needs a model (the scores are already in the file given to --scores)")
     out = args.out or f"runs/certify-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
