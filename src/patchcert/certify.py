@@ -210,6 +210,8 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
             params = dict(spec.params)
             if spec.name == "masking" and "window" not in params and default_window is not None:
                 params["window"] = tuple(default_window)
+                log.info("%s: mask window %dx%d (covers every requested patch window; set window=HxW to "
+                         "choose)", spec.text, *default_window)
             try:
                 d = create_defense(spec.name, **params)
             except PatchcertError as e:
