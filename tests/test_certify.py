@@ -324,6 +324,15 @@ def test_shards_merge_to_single_run(tmp_path, model, data, n_shards):
     assert load_run(run)[0].n == 21
 
 
+def test_sharded_and_single_runs_do_not_mix(tmp_path, model, data):
+    run_to(tmp_path / "s", model, data, num_examples=8, shard="0/2")
+    with pytest.raises(PatchcertError, match="holds a sharded run"):
+        run_to(tmp_path / "s", model, data, num_examples=8, resume=True)
+    run_to(tmp_path / "u", model, data, num_examples=8)
+    with pytest.raises(PatchcertError, match="holds an unsharded run"):
+        run_to(tmp_path / "u", model, data, num_examples=8, shard="1/2")
+
+
 def test_empty_shard_is_allowed(tmp_path, model, data):
     # 3 examples in one batch, 2 shards: shard 0 gets no batch
     r0 = run_to(tmp_path / "r", model, data, num_examples=3, shard="0/2")

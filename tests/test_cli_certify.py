@@ -208,6 +208,19 @@ def test_dataset_options_follow_the_checkpoint(tmp_path, capsys):
     assert load_run(tmp_path / "r2")[0].metadata.data["pattern"] == "stripe"
 
 
+@pytest.mark.data
+def test_cifar10_from_the_shared_data(tmp_path, capsys, shared_data):
+    rc, out, err = cli(capsys, "--model", "bagcert_cifar", "--model-cfg", '{"width": 4}', "--data-dir", shared_data,
+                       "--start", 100, "-n", 6, "--out", tmp_path / "c", "--no-progress", "--json", "--square-cap", 4,
+                       "--patch", "2%")
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1])["results"][0]["patch"] == "2%"
+    summary, records = load_run(tmp_path / "c")
+    assert [r.index for r in records] == list(range(100, 106))
+    assert summary.metadata.data["dataset"] == "cifar10" and summary.metadata.data["split"] == "test"
+    assert summary.metadata.classes[0] == "airplane" and summary.results[0].resolved == "5x5"
+
+
 # -- bad input: one line, exit 2, nothing that looks finished ---------------------------------
 
 def _imagefolder(root: Path, classes: int, per_class: int = 2, size: int = 32) -> Path:

@@ -642,6 +642,12 @@ def certify_dataset(
     timing: dict[str, float] = {}
     if out_dir is not None:
         run_dir = Path(out_dir) / shard_dirname(*shard_t) if shard_t else Path(out_dir)
+        top = Path(out_dir)
+        if shard_t is None and top.is_dir() and any(top.glob("shard-*-of-*")):
+            raise PatchcertError(f"{top} holds a sharded run: continue it with --shard i/n, or merge it with "
+                                 f"patchcert certify --merge {top}")
+        if shard_t is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
+            raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
         has_run = (run_dir / CONFIG_FILE).exists() or (run_dir / RECORDS_FILE).exists()
         if has_run and not resume:
             raise PatchcertError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")

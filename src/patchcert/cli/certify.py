@@ -28,7 +28,8 @@ defense specs (--defense, repeatable; default: voting):
   masking:threshold=0.0,features=logits
                                     PatchGuard robust masking; features logits|confidence|
                                     prediction, clip_max=..., window=11x11 (feature window;
-                                    default: the window covering the largest --patch)
+                                    default: the smallest window covering every --patch's
+                                    windows; a patch window outside it is never certified)
   clipping:clip=tanh                Clipped BagNet, tanh(0.05u-1);  clipping:clip=-1:1  clamp
 patch specs (--patch, repeatable; default: 5x5):
   5x5 | 24x1 | 5 (square) | 2% (square covering 2% of the image) | area=24 (every rectangle
@@ -38,7 +39,7 @@ models (--model): a checkpoint file (.safetensors; legacy .pth only as plain ten
   with a warning; --model-cfg '{"width": 32}'). Default: the shipped CIFAR-10 model.
 run directory (--out RUN): records.jsonl (one JSON object per example, written per batch),
   progress.json, config.json, and at the very end summary.json + summary.csv (absent =
-  unfinished; --resume continues). --shard i/n (0 <= i < n) writes RUN/shard-i-of-n/ with a
+  unfinished; --resume continues, with the same options). --shard i/n (0 <= i < n) writes RUN/shard-i-of-n/ with a
   contiguous block of batches; under torchrun every rank takes shard RANK/WORLD_SIZE and rank 0
   merges. --merge RUN joins finished shards into RUN/ (records identical to a single run).
 --json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
