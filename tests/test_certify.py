@@ -18,7 +18,7 @@ from patchcert.certify import (
     plan_patches,
     shard_batches,
 )
-from patchcert.data import ImageDataset, synthetic_dataset, to_float
+from patchcert.data import synthetic_dataset, to_float
 from patchcert.defenses import create_defense, list_defenses
 from patchcert.errors import PatchcertError
 from patchcert.geometry import Geometry, patch_windows
@@ -120,6 +120,21 @@ def test_build_defenses_validates():
         build_defenses(["voting", "voting:condition=3.2"])
     with pytest.raises(PatchcertError, match="no defense"):
         build_defenses([])
+
+
+def test_wrapping_maps_get_wrapping_defenses():
+    plans = build_defenses(available(["voting", "clipping:clip=tanh", "masking:threshold=0.1"]),
+                           default_window=(3, 3), wrap=True)
+    assert all(p.defense.wrap and p.key.endswith(",wrap)") for p in plans)
+    with pytest.raises(PatchcertError, match="wrap=false would miss placements"):
+        build_defenses(["voting:wrap=false"], wrap=True)
+    # on a wrapping (DS-style) map, the run certifies with wrap-around placements
+    sf = engineered_scores(n=12)
+    sf.meta["geometry"] = {**sf.meta["geometry"], "wrap": True}
+    run = certify_dataset(scores=sf, defenses=["voting:binarize=argmax"], patches=["3x3"], square_cap=4)
+    d = create_defense("voting", binarize="argmax", wrap=True)
+    cert = d.certify(sf.scores.double(), sf.labels, [(5, 5)])
+    assert [r.defenses["voting(argmax,3.2,wrap)"].certified["3x3"] for r in run.records] == cert.tolist()
 
 
 def test_plan_patches():
@@ -305,7 +320,7 @@ def test_resume_refuses_other_options_and_foreign_records(tmp_path, model, data)
 
 @pytest.mark.parametrize("n_shards", [2, 3])
 def test_shards_merge_to_single_run(tmp_path, model, data, n_shards):
-    single = run_to(tmp_path / "single", model, data, save_scores=True, start=1, num_examples=21)
+    run_to(tmp_path / "single", model, data, save_scores=True, start=1, num_examples=21)
     run = tmp_path / "sharded"
     for i in range(n_shards):
         r = run_to(run, model, data, save_scores=True, start=1, num_examples=21, shard=f"{i}/{n_shards}")

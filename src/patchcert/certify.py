@@ -192,12 +192,15 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None
-                   ) -> list[DefensePlan]:
+def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None,
+                   wrap: bool = False) -> list[DefensePlan]:
     """Build every defense up front (bad names/parameters fail here, before any work).
 
     ``default_window``: the feature window given to a masking defense whose spec sets no
     ``window`` (the run passes the window covering its largest requested patch).
+    ``wrap``: the score map's windows wrap around its edges (``geometry.wrap``, De-randomized
+    smoothing's bands): specs that do not say ``wrap`` get ``wrap=True``, and a defense with
+    ``wrap=False`` is refused -- it would skip the wrapping placements, an unsound certificate.
     """
     from .defenses import create_defense
 
@@ -208,6 +211,8 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
         if isinstance(s, (str, DefenseSpec)):
             spec = parse_defense_spec(s)
             params = dict(spec.params)
+            if wrap and "wrap" not in params:
+                params["wrap"] = True
             if spec.name == "masking" and "window" not in params and default_window is not None:
                 params["window"] = tuple(default_window)
                 log.info("%s: mask window %dx%d (covers every requested patch window; set window=HxW to "
@@ -223,6 +228,9 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
         for meth in ("predict", "certify", "certify_details"):
             if not callable(getattr(d, meth, None)):
                 raise PatchcertError(f"defense {s!r} has no {meth}()")
+        if wrap and not getattr(d, "wrap", False):
+            raise PatchcertError(f"defense {spec.text if spec else d!s}: the score map's windows wrap around its edges "
+                                 "(geometry.wrap); wrap=false would miss placements")
         key = _defense_key(d, spec)
         if any(p.key == key for p in plans):
             raise PatchcertError(f"defense {key!r} requested twice")
@@ -584,7 +592,7 @@ def certify_dataset(
         raise PatchcertError("save_scores needs an output directory")
 
     patch_plans = plan_patches(patches, geometry, image_size)
-    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans))
+    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap)
     squares = square_windows(geometry, square_cap) if square_cap > 0 else None
 
     # ---- what the records depend on ---------------------------------------------------
@@ -630,7 +638,8 @@ def certify_dataset(
         "total": num_examples, "defenses": [{"key": p.key, "config": p.config} for p in defense_plans],
         "patches": [{"patch": p.text, "resolved": p.resolved, "windows": [list(w) for w in p.windows]}
                     for p in patch_plans],
-        "dtype": dtype_name, "batch_size": batch_size, "save_scores": bool(save_scores), "square_cap": square_cap, "square_method": square_method,
+        "dtype": dtype_name, "batch_size": batch_size, "save_scores": bool(save_scores),
+        "square_cap": square_cap, "square_method": square_method,
         "geometry": geometry.to_dict(), "image_size": list(image_size),
         "shard": list(shard_t) if shard_t else None,
     }
