@@ -35,7 +35,7 @@ def test_registry_and_public_names():
     assert patchcert.create_defense is create_defense
     from patchcert.defenses import Defense as D, check_scores as cs, register_defense  # noqa: F401
 
-    assert D is Defense and cs is check_scores
+    assert D is Defense and cs is check_scores and callable(register_defense)
 
 
 @pytest.mark.parametrize("name,opts,key", [

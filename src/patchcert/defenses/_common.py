@@ -1,4 +1,4 @@
-"""Per-chunk state shared by the defenses: transformed values, their sums and summed-area table."""
+"""Per-chunk state shared by the defenses: the summed-area table of the values they sum."""
 
 from __future__ import annotations
 
@@ -8,35 +8,40 @@ import torch
 
 from .base import extend_periodic, summed_area, window_sums
 
-__all__ = ["Prepared"]
+__all__ = ["Prepared", "box_sums"]
+
+
+def box_sums(C: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Sums over every ``a x b`` box inside a summed-area table ``C`` ``[..., R+1, S+1]``:
+    ``[..., R - a + 1, S - b + 1]``."""
+    return window_sums(C, C.shape[-2] - a, C.shape[-1] - b, a, b)
 
 
 @dataclass
 class Prepared:
-    """Transformed values of one chunk of score maps.
+    """The values a defense sums, for one chunk of score maps, as a summed-area table.
 
-    v     float64 ``[N, K, H, W]`` values that the defense sums (votes, clipped scores, features)
-    total float64 ``[N, K]`` their sums over the map
+    sat   ``[N, K, He+1, We+1]`` summed-area table of the values ``[N, K, H, W]`` (periodically
+          extended to ``[2H-1, 2W-1]`` with wrap-around); float64, or float32 for votes
+          (small integers, exact)
+    total ``[N, K]`` the sums over the map
+    size  ``(H, W)``
     wrap  whether windows wrap around the right/bottom edges
     """
 
-    v: torch.Tensor
+    sat: torch.Tensor
     total: torch.Tensor
+    size: tuple[int, int]
     wrap: bool
     extra: dict = field(default_factory=dict)
-    _sat: torch.Tensor | None = None
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return (int(self.v.shape[2]), int(self.v.shape[3]))
-
-    def sat(self) -> torch.Tensor:
-        """Summed-area table ``[N, K, He+1, We+1]`` of ``v`` (periodically extended with wrap)."""
-        if self._sat is None:
-            H, W = self.size
-            x = extend_periodic(self.v, H - 1, W - 1) if self.wrap else self.v
-            self._sat = summed_area(x)
-        return self._sat
+    @classmethod
+    def build(cls, values: torch.Tensor, wrap: bool, dtype: torch.dtype = torch.float64) -> "Prepared":
+        """From values ``[N, K, H, W]`` (any dtype; converted to ``dtype`` in the table)."""
+        H, W = int(values.shape[2]), int(values.shape[3])
+        x = extend_periodic(values, H - 1, W - 1) if wrap else values
+        C = summed_area(x, dtype)
+        return cls(sat=C, total=C[:, :, H, W].clone(), size=(H, W), wrap=wrap)
 
     def fits(self, window: tuple[int, int]) -> bool:
         H, W = self.size
@@ -49,6 +54,6 @@ class Prepared:
         return (H - window[0] + 1, W - window[1] + 1)
 
     def window_sums(self, window: tuple[int, int]) -> torch.Tensor:
-        """Sum of ``v`` in every placement of ``window``: float64 ``[N, K, Hp, Wp]``."""
+        """Sum of the values in every placement of ``window``: ``[N, K, Hp, Wp]``."""
         hp, wp = self.placements(window)
-        return window_sums(self.sat(), hp, wp, window[0], window[1])
+        return window_sums(self.sat, hp, wp, window[0], window[1])

@@ -128,9 +128,13 @@ def check_scores(scores: Any) -> None:
     N, K, H, W = scores.shape
     if K < 1 or H < 1 or W < 1:
         raise PatchcertError(f"scores must have at least one class and one cell, got shape {tuple(scores.shape)}")
-    if N and not bool(torch.isfinite(scores).all()):
-        bad = int((~torch.isfinite(scores)).flatten(1).any(1).nonzero()[0, 0])
-        raise PatchcertError(f"scores contain NaN or Inf (first in image {bad})")
+    # fast path: a finite sum means every value is finite; otherwise look properly (the sum of
+    # finite values may also overflow)
+    if N and not bool(torch.isfinite(scores.sum())):
+        bad_images = (~torch.isfinite(scores)).flatten(1).any(1)
+        if bool(bad_images.any()):
+            bad = int(bad_images.nonzero()[0, 0])
+            raise PatchcertError(f"scores contain NaN or Inf (first in image {bad})")
 
 
 def check_labels(labels: Any, n: int, k: int, device: torch.device) -> torch.Tensor:
@@ -269,15 +273,18 @@ def passes(margin: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor) -> tor
     return (margin > 0) | ((margin == 0) & (cls > lab))
 
 
-def competitor(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def competitor(
+    values: torch.Tensor, labels: torch.Tensor, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Strongest class other than the label along dim 1.
 
     ``values`` ``[N, K, ...]`` -> ``(max_{c != y} values[:, c], argmax)`` of shape ``[N, ...]``;
-    ties go to the lowest class; ``(-inf, -1)`` when K == 1.
+    ties go to the lowest class; ``(-inf, -1)`` when K == 1. ``inplace``: overwrite the label's
+    entries of ``values`` with -inf instead of copying.
     """
     N, K = values.shape[:2]
     idx = labels.view((N, 1) + (1,) * (values.dim() - 2)).expand((N, 1) + values.shape[2:])
-    v = values.scatter(1, idx, float("-inf"))
+    v = values.scatter_(1, idx, float("-inf")) if inplace else values.scatter(1, idx, float("-inf"))
     best, cls = v.max(1)
     if K == 1:
         cls = torch.full_like(cls, -1)
@@ -503,16 +510,18 @@ def to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
     return torch.round(x / grid) * grid
 
 
-def check_exact(v: torch.Tensor, grid: float, wrap: bool, what: str) -> None:
-    """Raise unless every (periodically extended) partial sum of ``v`` ``[N, K, H, W]`` stays
-    below ``2^52`` grid steps, i.e. is exact in float64."""
-    if v.numel() == 0:
-        return
-    mass = float(v.abs().sum((2, 3)).amax()) * (4.0 if wrap else 1.0)
+def to_grid_(x: torch.Tensor, grid: float) -> torch.Tensor:
+    """In-place :func:`to_grid` (scaling by a power of two is exact either way)."""
+    return x.div_(grid).round_().mul_(grid)
+
+
+def check_exact(mass: float, grid: float, what: str) -> None:
+    """Raise unless a bound ``mass`` on every (periodically extended) partial sum of absolute
+    values stays below ``2^52`` grid steps, i.e. every sum is exact in float64."""
     if not mass / grid < EXACT_LIMIT:
         raise PatchcertError(
-            f"{what}: score magnitudes too large for exact float64 sums (a class's total |value| is {mass:.3g}); "
-            "rescale the scores or clip them"
+            f"{what}: score magnitudes too large for exact float64 sums (a class's total |value| "
+            f"may reach {mass:.3g}); rescale the scores or clip them"
         )
 
 
@@ -528,11 +537,16 @@ def extend_periodic(x: torch.Tensor, eh: int, ew: int) -> torch.Tensor:
     return x
 
 
-def summed_area(x: torch.Tensor) -> torch.Tensor:
-    """Summed-area table with a zero first row/column: ``[..., H, W] -> [..., H+1, W+1]``
-    (float64), ``C[a, b] = sum x[:a, :b]``."""
-    c = x.to(torch.float64).cumsum(-2).cumsum(-1)
-    return torch.nn.functional.pad(c, (1, 0, 1, 0))
+def summed_area(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Summed-area table with a zero first row/column: ``[..., H, W] -> [..., H+1, W+1]``,
+    ``C[a, b] = sum x[:a, :b]`` (rows accumulated first, then columns)."""
+    C = torch.empty(x.shape[:-2] + (x.shape[-2] + 1, x.shape[-1] + 1), dtype=dtype, device=x.device)
+    C[..., 0, :] = 0
+    C[..., 1:, 0] = 0
+    C[..., 1:, 1:] = x
+    C.cumsum_(-2)
+    C.cumsum_(-1)
+    return C
 
 
 def window_sums(C: torch.Tensor, hp: int, wp: int, wh: int, ww: int) -> torch.Tensor:

@@ -30,9 +30,9 @@ import torch
 
 from ..errors import PatchcertError
 from ._common import Prepared
-from .base import Defense, Window, check_bool, check_exact, competitor, grid_for, register_defense, to_grid
+from .base import Defense, Window, check_bool, check_exact, competitor, grid_for, register_defense, to_grid, to_grid_
 
-__all__ = ["Clipping", "clip_scores"]
+__all__ = ["Clipping"]
 
 
 def _finite(v: Any, what: str) -> float:
@@ -80,10 +80,12 @@ class Clipping(Defense):
 
     def clipped(self, scores: torch.Tensor) -> torch.Tensor:
         """Clipped scores float64 ``[N, K, H, W]`` (validated scores)."""
-        u = scores.to(torch.float64)
+        u = scores.to(torch.float64, copy=True)
         if self.clip == "tanh":
-            return to_grid(torch.tanh(u * self.scale + self.shift), self.grid)
-        return to_grid(u.clamp(self.clip[0], self.clip[1]), self.grid)
+            u.mul_(self.scale).add_(self.shift).tanh_()
+        else:
+            u.clamp_(self.clip[0], self.clip[1])
+        return to_grid_(u, self.grid)
 
     # -- hooks ---------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -100,9 +102,9 @@ class Clipping(Defense):
         return [f"{self.lo:.12g}:{self.hi:.12g}"]
 
     def _prepare(self, scores: torch.Tensor) -> Prepared:
-        v = self.clipped(scores)
-        check_exact(v, self.grid, self.wrap, "clipping")
-        return Prepared(v=v, total=v.sum((2, 3)), wrap=self.wrap)
+        H, W = scores.shape[2:]
+        check_exact(H * W * (4 if self.wrap else 1) * max(abs(self.lo), abs(self.hi)), self.grid, "clipping")
+        return Prepared.build(self.clipped(scores), self.wrap)
 
     def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
         return prep.total.argmax(1)
@@ -119,8 +121,8 @@ class Clipping(Defense):
         area = float(window[0] * window[1])
         S = prep.window_sums(window)  # [N, K, Hp, Wp]
         outside = prep.total[:, :, None, None] - S
-        best, cls = competitor(outside, labels)
         oy = outside.gather(1, labels[:, None, None, None].expand(-1, 1, *S.shape[2:]))[:, 0]
+        best, cls = competitor(outside, labels, inplace=True)
         return (oy + area * self.lo) - (best + area * self.hi), cls
 
     def _elements_per_image(self, shape, windows) -> int:

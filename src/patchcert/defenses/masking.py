@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchcertError
-from ._common import Prepared
+from ._common import Prepared, box_sums
 from .base import (
-    ELEMENT_BUDGET,
     Defense,
     Window,
     check_bool,
@@ -53,7 +52,7 @@ from .base import (
     competitor,
     grid_for,
     register_defense,
-    to_grid,
+    to_grid_,
 )
 
 __all__ = ["Masking", "FEATURES"]
@@ -61,41 +60,31 @@ __all__ = ["Masking", "FEATURES"]
 FEATURES = ("logits", "confidence", "prediction")
 
 
-@functools.lru_cache(maxsize=64)
-def _axis_overlaps_cpu(size: int, win: int, wrap: bool):
-    """One axis of the overlap geometry for a window of ``win`` cells on an axis of ``size``.
-
-    For every placement ``i`` of ``P`` and every offset ``o`` at which a placement ``Q`` overlaps
-    ``P`` on this axis: ``q[o, i]`` (Q's index), ``valid[o, i]`` (Q is a placement), and the
-    intersection of P's and Q's cells as up to two segments ``[s, e)`` in the coordinates of the
-    (periodically extended) summed-area table.
-    """
+@functools.lru_cache(maxsize=256)
+def _axis_offsets(size: int, win: int, wrap: bool) -> tuple:
+    """One axis of the overlap geometry: for every offset ``d`` at which a placement ``Q`` of a
+    ``win``-cell window overlaps placement ``P`` (index ``i``) on an axis of ``size`` cells:
+    ``(lo, hi, q0, segments)`` -- the placements ``i in [lo, hi)`` for which ``Q`` exists, the
+    index of ``Q`` for ``i = lo`` (``q0 + (i - lo)``, into the window sums, doubled with wrap),
+    and the intersection of P's and Q's cells as ``(start, length)`` segments (start for
+    ``i = lo``, in the coordinates of the periodically extended table with wrap)."""
+    out = []
     if not wrap:
         P = size - win + 1
-        d = torch.arange(-(win - 1), win)
-        i = torch.arange(P)
-        q = i[None] + d[:, None]
-        valid = (q >= 0) & (q < P)
-        s = i[None] + d.clamp(min=0)[:, None]
-        e = i[None] + (win + d.clamp(max=0))[:, None]
-        return q.clamp(0, P - 1), valid, [(s, e)]
-    P = size
-    d = torch.arange(size)
-    d = d[(d < win) | (d > size - win)]
-    i = torch.arange(P)
-    q = (i[None] + d[:, None]) % size
-    valid = torch.ones_like(q, dtype=torch.bool)
-    zero = torch.zeros_like(d)
-    s1 = torch.where(d < win, d, zero)
-    e1 = torch.where(d < win, torch.full_like(d, win), zero)
-    e2 = torch.where(d > size - win, d + win - size, zero)
-    segs = [(i[None] + s1[:, None], i[None] + e1[:, None]), (i[None] + zero[:, None], i[None] + e2[:, None])]
-    return q, valid, segs
-
-
-def _axis_overlaps(size: int, win: int, wrap: bool, device: torch.device):
-    q, valid, segs = _axis_overlaps_cpu(size, win, wrap)
-    return q.to(device), valid.to(device), [(s.to(device), e.to(device)) for s, e in segs]
+        for d in range(-(win - 1), win):
+            lo, hi = max(0, -d), min(P, P - d)
+            if lo < hi:
+                out.append((lo, hi, lo + d, ((lo + max(0, d), win - abs(d)),)))
+        return tuple(out)
+    for d in range(size):
+        segs = []
+        if d < win:  # Q starts inside P: P's cells [d, win)
+            segs.append((d, win - d))
+        if d > size - win:  # Q wraps around into P's first cells [0, d + win - size)
+            segs.append((0, d + win - size))
+        if segs:
+            out.append((0, size, d, tuple(segs)))
+    return tuple(out)
 
 
 def _axis_nonoverlap_max(m: torch.Tensor, size: int, win: int, wrap: bool) -> torch.Tensor:
@@ -146,14 +135,14 @@ class Masking(Defense):
     def features_of(self, scores: torch.Tensor) -> torch.Tensor:
         """Clipped features float64 ``[N, K, H, W]`` (validated scores)."""
         if self.features == "logits":
-            v = scores.to(torch.float64)
+            v = scores.to(torch.float64, copy=True)
         elif self.features == "confidence":
             v = torch.softmax(scores.to(torch.float64), 1)
         else:
             K = scores.shape[1]
             v = F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).to(torch.float64)
-        v = v.clamp(0.0, self.clip_max) if self.clip_max is not None else v.clamp(min=0.0)
-        return to_grid(v, self.grid)
+        v = v.clamp_(0.0, self.clip_max) if self.clip_max is not None else v.clamp_(min=0.0)
+        return to_grid_(v, self.grid)
 
     # -- hooks ---------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -172,10 +161,9 @@ class Masking(Defense):
         return parts
 
     def _prepare(self, scores: torch.Tensor) -> Prepared:
-        v = self.features_of(scores)
-        check_exact(v, self.grid, self.wrap, "masking")
-        total = v.sum((2, 3))
-        prep = Prepared(v=v, total=total, wrap=self.wrap)
+        prep = Prepared.build(self.features_of(scores), self.wrap)
+        if prep.total.numel():  # features are >= 0: the largest partial sum is a class total
+            check_exact(float(prep.total.amax()) * (4 if self.wrap else 1), self.grid, "masking")
         prep.extra["masked"] = self._masked_totals(prep)
         return prep
 
@@ -213,15 +201,15 @@ class Masking(Defense):
     def _analysis(self, prep: Prepared, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
         T = self.threshold
-        N = prep.v.shape[0]
+        N = prep.total.shape[0]
         S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
         t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
         ub = t / (1.0 - T)
-        best_ub, cls = competitor(ub, labels)
+        best_ub, cls = competitor(ub, labels, inplace=True)
         yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
         Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
         ty = t.gather(1, yidx)[:, 0]  # total of the map with y zeroed inside P
-        Cy = prep.sat()[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
+        Cy = prep.sat[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
         m_non = self._nonoverlap_max(Ay, prep.size)
         m_ovl = self._overlap_max(Ay, Cy, prep.size)
         m_all = torch.maximum(m_non, m_ovl)
@@ -237,31 +225,31 @@ class Masking(Defense):
         return torch.maximum(rows[:, :, None], cols[:, None, :])
 
     def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``."""
+        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``.
+
+        For a fixed offset between P and Q, the intersection is a fixed-size rectangle (up to
+        2 x 2 of them with wrap-around) at a fixed offset from P, so for all P at once its sum
+        is a shifted slice of the label's box sums of that size; the loop runs over the
+        ``(2wh-1) x (2ww-1)`` offsets, each step on every image and placement."""
         (H, W), (mh, mw) = size, self.window
-        dev = Ay.device
-        qr, vr, segr = _axis_overlaps(H, mh, self.wrap, dev)  # [Or, Hp]
-        qc, vc, segc = _axis_overlaps(W, mw, self.wrap, dev)  # [Oc, Wp]
-        N, Hp, Wp = Ay.shape
-        Or, Oc = qr.shape[0], qc.shape[0]
-        per_offset = max(1, N * 4 * Hp * Oc * Wp)
-        group = max(1, ELEMENT_BUDGET // per_offset)
-        out = Ay.new_zeros(N, Hp, Wp)
-        colv = vc[None, None]
-        for g0 in range(0, Or, group):  # groups of row offsets (memory), not placements
-            sl = slice(g0, g0 + group)
-            R = None
-            for s, e in segr:  # rows of P ∩ Q: [N, o, Hp, We+1]
-                part = Cy[:, e[sl]] - Cy[:, s[sl]]
-                R = part if R is None else R + part
-            Z = None
-            for s, e in segc:  # then columns: [N, o, Hp, Oc, Wp]
-                part = R[:, :, :, e] - R[:, :, :, s]
-                Z = part if Z is None else Z + part
-            zs = Ay[:, qr[sl][:, :, None, None], qc[None, None]] - Z
-            if not self.wrap:
-                zs = zs.masked_fill(~(vr[sl][:, :, None, None] & colv), 0.0)
-            out = torch.maximum(out, zs.amax(3).amax(1))
+        rows = _axis_offsets(H, mh, self.wrap)
+        cols = _axis_offsets(W, mw, self.wrap)
+        src = torch.cat([torch.cat([Ay, Ay], 1)] * 2, 2) if self.wrap else Ay  # Q index, cyclic
+        boxes: dict[tuple[int, int], torch.Tensor] = {}
+        out = torch.zeros_like(Ay)  # offset (0, 0) is P itself: zeroed sum exactly 0
+        for rlo, rhi, rq, rsegs in rows:
+            nr = rhi - rlo
+            for clo, chi, cq, csegs in cols:
+                nc = chi - clo
+                z = src[:, rq : rq + nr, cq : cq + nc]
+                for rs, a in rsegs:
+                    for cs, b in csegs:
+                        box = boxes.get((a, b))
+                        if box is None:
+                            box = boxes[(a, b)] = box_sums(Cy, a, b)
+                        z = z - box[:, rs : rs + nr, cs : cs + nc]
+                o = out[:, rlo:rhi, clo:chi]
+                torch.maximum(o, z, out=o)
         return out
 
     def _elements_per_image(self, shape, windows) -> int:
@@ -270,7 +258,5 @@ class Masking(Defense):
         mh, mw = self.window
         if mh > H or mw > W or not any(w[0] <= mh and w[1] <= mw for w in windows):
             return base
-        Hp, Wp = (H, W) if self.wrap else (H - mh + 1, W - mw + 1)
-        Or = min(2 * mh - 1, H) if self.wrap else 2 * mh - 1
-        Oc = min(2 * mw - 1, W) if self.wrap else 2 * mw - 1
-        return max(base, 4 * Or * Hp * Oc * Wp)
+        boxes = mh * mw * ((2 * H) * (2 * W) if self.wrap else (H + 1) * (W + 1))
+        return max(base, boxes + 8 * H * W)

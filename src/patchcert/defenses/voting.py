@@ -21,7 +21,8 @@ Certificates (label ``y``; ``|P| = wh * ww``):
 
 A window larger than the map is never certified. With ``wrap=True`` windows also wrap around the
 right/bottom edges (DS's bands); prediction does not depend on ``wrap``. Vote counts are exact
-integers in float64, so every comparison is exact.
+integers (float32 below 2^24, else float64), so every comparison is exact; margins are reported
+in float64.
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ def _parse_binarize(binarize: Any) -> str | float:
 
 
 def binarize_votes(scores: torch.Tensor, binarize: str | float) -> torch.Tensor:
-    """Votes ``{0, 1}`` as float64 ``[N, K, H, W]`` from scores ``[N, K, H, W]``."""
+    """Votes as bool ``[N, K, H, W]`` from scores ``[N, K, H, W]``."""
     if binarize == "sign":
-        return (scores >= 0).to(torch.float64)
+        return scores >= 0
     if binarize == "argmax":
         K = scores.shape[1]
-        return F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).to(torch.float64)
+        return F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).bool()
     p = torch.softmax(scores.to(torch.float64), 1)
-    return (p >= float(binarize)).to(torch.float64)
+    return p >= float(binarize)
 
 
 @register_defense("voting")
@@ -80,8 +81,8 @@ class Voting(Defense):
         self.wrap = check_bool(wrap, "voting: wrap")
 
     def votes(self, scores: torch.Tensor) -> torch.Tensor:
-        """Votes float64 ``[N, K, H, W]`` (validated scores)."""
-        return binarize_votes(scores, self.binarize)
+        """Votes float64 ``[N, K, H, W]`` in {0, 1} (validated scores)."""
+        return binarize_votes(scores, self.binarize).to(torch.float64)
 
     # -- hooks ---------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -92,14 +93,17 @@ class Voting(Defense):
         return [b, self.condition]
 
     def _prepare(self, scores: torch.Tensor) -> Prepared:
-        v = self.votes(scores)
-        return Prepared(v=v, total=v.sum((2, 3)), wrap=self.wrap)
+        H, W = scores.shape[2:]
+        # counts (and the summed-area table of a periodically extended map) are integers below
+        # 4 H W: exact in float32 below 2^24, which is twice as fast as float64
+        dtype = torch.float32 if 4 * H * W < 2**24 else torch.float64
+        return Prepared.build(binarize_votes(scores, self.binarize), self.wrap, dtype)
 
     def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
         return prep.total.argmax(1)
 
     def _clean(self, prep: Prepared, labels: torch.Tensor):
-        n = prep.total
+        n = prep.total.to(torch.float64)
         ok = n.argmax(1) == labels
         best, cls = competitor(n, labels)
         return ok, n.gather(1, labels[:, None])[:, 0] - best, cls
@@ -109,16 +113,16 @@ class Voting(Defense):
             return None
         area = float(window[0] * window[1])
         n = prep.total
-        ny = n.gather(1, labels[:, None])  # [N, 1]
         if self.condition == "3.3":
+            n = n.to(torch.float64)
             best, cls = competitor(n, labels)
-            m = (ny[:, 0] - best) - 2.0 * area
+            m = (n.gather(1, labels[:, None])[:, 0] - best) - 2.0 * area
             return m[:, None, None], cls[:, None, None]
         S = prep.window_sums(window)  # [N, K, Hp, Wp]
         outside = n[:, :, None, None] - S  # votes the patch cannot touch
-        best, cls = competitor(outside, labels)
         oy = outside.gather(1, labels[:, None, None, None].expand(-1, 1, *S.shape[2:]))[:, 0]
-        return (oy - best) - area, cls
+        best, cls = competitor(outside, labels, inplace=True)
+        return ((oy - best) - area).to(torch.float64), cls
 
     def _elements_per_image(self, shape, windows) -> int:
         N, K, H, W = shape
