@@ -67,7 +67,7 @@ def data():
     return synthetic_dataset(n=22, num_classes=4, size=32, seed=1)
 
 
-def engineered_scores(n=40, k=4, size=12, seed=0) -> ScoreFile:
+def engineered_scores(n=30, k=4, size=12, seed=0) -> ScoreFile:
     """Score maps with a per-image strength of the label's evidence, so that some images are
     certified, some only predicted correctly and some wrong; geometry rf 3, stride 1."""
     g = torch.Generator().manual_seed(seed)
@@ -318,7 +318,7 @@ def test_resume_refuses_other_options_and_foreign_records(tmp_path, model, data)
         run_to(tmp_path / "r", model, data, num_examples=8, resume=True)
 
 
-@pytest.mark.parametrize("n_shards", [2, 3])
+@pytest.mark.parametrize("n_shards", [3])  # uneven: 6 batches of 4 (last 1) over 3 shards
 def test_shards_merge_to_single_run(tmp_path, model, data, n_shards):
     run_to(tmp_path / "single", model, data, save_scores=True, start=1, num_examples=21)
     run = tmp_path / "sharded"

@@ -515,7 +515,9 @@ def certify_dataset(
 
     Either ``model`` (a ScoreMapModel: images in [0, 1] -> ``[N, K, H, W]``) and ``data``, or
     ``scores`` (a :class:`ScoreFile`). The model runs once per batch in eval mode, under
-    ``no_grad``, in float32 with TF32 off; its scores are cast to ``dtype`` for the defenses.
+    ``no_grad``, with TF32 off, on images in float32 [0, 1]; its scores go to the defenses in
+    ``dtype`` (or the model's own dtype if wider: a map is never rounded down before it is
+    certified). Saved score files hold float32, as the contract says.
     Every defense (spec string, :class:`DefenseSpec` or defense object) is certified against
     every patch spec (``"5x5"``, ``"2%"``, ``"area=24"``) on the same maps.
 
@@ -714,25 +716,28 @@ def certify_dataset(
                     idx = pos
                     timer.sync()
                     t0 = time.perf_counter()
-                    s32 = model.score_map(x).float()  # type: ignore[union-attr]
+                    smap = model.score_map(x)  # type: ignore[union-attr]
                     timer.sync()
                     timer.add("forward", time.perf_counter() - t0)
                     timer.add("forward_images", float(len(pos)))
                     what = "model produced"
                 else:
-                    s32 = scores.scores[pos].to(dev, torch.float32)
+                    smap = scores.scores[pos].to(dev)
                     y = scores.labels[pos]
                     idx = scores.indices[pos]
                     what = "score file holds"
-                if s32.dim() != 4 or s32.shape[1] != num_classes:
-                    raise PatchcertError(f"score maps of shape {tuple(s32.shape)}; expected [N, {num_classes}, H, W]")
-                fin = torch.isfinite(s32).flatten(1).all(1)
+                if smap.dim() != 4 or smap.shape[1] != num_classes or not smap.is_floating_point():
+                    raise PatchcertError(f"score maps of shape {tuple(smap.shape)} ({smap.dtype}); expected float "
+                                         f"[N, {num_classes}, H, W]")
+                fin = torch.isfinite(smap).flatten(1).all(1)
                 if not bool(fin.all()):
                     raise PatchcertError(f"{what} NaN/Inf scores for example {int(idx[_first_bad(fin)])}")
                 if save_scores and parts_dir is not None:
                     save_tensors(parts_dir / f"{lo:09d}.safetensors",
-                                 {"scores": s32, "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
-                batch_records = certify_batch(s32.to(dtype), y.to(dev), idx.tolist(), defense_plans, patch_plans,
+                                 {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
+                # never round the map down: a float64 model is certified on its float64 scores
+                sdef = smap.to(torch.promote_types(smap.dtype, dtype))
+                batch_records = certify_batch(sdef, y.to(dev), idx.tolist(), defense_plans, patch_plans,
                                               squares, timer, square_method)
                 timer.add("images", float(len(pos)))
                 new = batch_records[ndone - (lo - my_lo):] if lo - my_lo < ndone else batch_records
