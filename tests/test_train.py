@@ -80,6 +80,9 @@ def test_resume_is_bit_identical(tmp_path, kw):
     drop = ("train_img_per_s", "epoch_seconds")
     assert [{k: v for k, v in r.items() if k not in drop} for r in h1] == \
            [{k: v for k, v in r.items() if k not in drop} for r in h2]
+    header = (Path(two.out_dir) / "log.csv").read_text().splitlines()[0]
+    assert header == "epoch,loss,lr,train_img_per_s,epoch_seconds,eval_clean_acc,eval_cert_acc"
+    assert header == (Path(one.out_dir) / "log.csv").read_text().splitlines()[0]
     assert m["epoch"] == 3
     if kw.get("objective") == "patchguard":
         assert load_tensors(Path(two.out_dir) / "state.safetensors")[1]["eval_defense"] == {

@@ -566,8 +566,13 @@ def train(cfg: TrainConfig, resume: bool = False,
             torch.distributed.destroy_process_group()
 
 
+_CSV_FIRST = ("epoch", "loss", "lr", "train_img_per_s", "epoch_seconds", "eval_clean_acc", "eval_cert_acc")
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
+    """One row per epoch; the standard columns first in a fixed order (also after a resume,
+    whose history comes back from JSON with sorted keys), then any others."""
+    keys: list[str] = [k for k in _CSV_FIRST if any(k in r for r in rows)]
     for r in rows:
         keys += [k for k in r if k not in keys]
     buf = io.StringIO()
