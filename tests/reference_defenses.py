@@ -98,17 +98,23 @@ def combine(y, window_cases, ok, clean):
     """Per-image certify_details from per-window cases.
 
     window_cases: one entry per window: None (window not certifiable) or a list of
-    ``(margin, class, row, col)``; ok: the clean-map requirements hold; clean: ``(margin, class)``.
+    ``(margin, class, row, col)`` (every placement and class); ok: the clean-map requirements
+    hold; clean: ``(margin, class)``. Per placement the case is its smallest margin with the
+    lowest class attaining it; the worst case is the smallest margin, then a tie against the
+    label (class below it) first, then the first window, then the first placement (row-major).
     """
     per_window, allcases = [], []
     for w, cases in enumerate(window_cases):
         if cases is None:
             per_window.append(False)
-            allcases.append((-INF, -1, w, -1, -1))
+            allcases.append((-INF, False, w, -1, -1, -1))
             continue
         per_window.append(ok and all(passes(m, c, y) for m, c, _, _ in cases))
-        allcases += [(m, c, w, r, q) for m, c, r, q in cases]
-    m, c, w, r, q = min(allcases)
+        at = {}
+        for m, c, r, q in cases:
+            at[(r, q)] = min(at.get((r, q), (INF, INF)), (m, c))
+        allcases += [(m, c > y, w, r, q, c) for (r, q), (m, c) in at.items()]
+    m, _, w, r, q, c = min(allcases)
     if passes(m, c, y) and not ok:
         m, c, r, q = clean[0], clean[1], -1, -1
     return {
@@ -283,9 +289,10 @@ def masking_predict(scores, window, threshold=0.0, clip_max=None, features="logi
     return out
 
 
-def masking_cases(v, y, window, T, wrap):
+def masking_cases(v, y, window, T, wrap, corrected=True):
     """Alg. 2 with the T > 0 correction: (margin, class, row, col) for every placement P of the
-    mask window and every class c != y."""
+    mask window and every class c != y. ``corrected=False``: the unsound original bound, which
+    subtracts nothing when the zeroed map would not be detected (for the regression test)."""
     K, H, W = len(v), len(v[0]), len(v[0][0])
     mh, mw = window
     pl = placements(H, W, mh, mw, wrap)
@@ -304,7 +311,7 @@ def masking_cases(v, y, window, T, wrap):
         m_all = max(sums.values())
         m_ovl = max([0.0] + [sums[Q] for Q in pl if sp.intersection(cellsets[Q])])
         tot = total_sum(z)
-        M = m_all if (tot > 0 and m_all / tot > T) else m_ovl
+        M = m_all if (tot > 0 and m_all / tot > T) else (m_ovl if corrected else 0.0)
         lb = t[y] - M
         if K == 1:
             cases.append((INF, -1, P[0], P[1]))

@@ -311,6 +311,32 @@ def test_masking_by_hand():
     assert torch.equal(d.margin_map(s2, y, (1, 1)), d.margin_map(s2, y, (1, 2)))
 
 
+def test_masking_threshold_correction_is_needed():
+    """T > 0: the bound without the M_ovl branch certifies a map that an attack flips."""
+    import reference_defenses as ref
+
+    T, mask = 0.6, (1, 2)
+    s = torch.zeros(1, 2, 1, 7, dtype=torch.float64)
+    s[0, 0] = 1.0  # label 0: evidence spread evenly, never detected
+    s[0, 1, 0, 5:] = 1.0  # class 1: two cells, masked on the clean map
+    y = torch.tensor([0])
+    d = create_defense("masking", window=mask, threshold=T)
+    assert d.predict(s).tolist() == [0]
+    v = ref.mask_features(s[0].tolist())
+    uncorrected = ref.masking_cases(v, 0, mask, T, False, corrected=False)
+    assert all(ref.passes(m, c, 0) for m, c, _, _ in uncorrected)  # it would certify
+    r = d.certify_details(s, y, [mask])
+    assert r.certified.tolist() == [False]
+    # P = cols 0-1 (first of several): t[0] = 5, M_ovl = 1 (cols 1-2) -> lb = 4 < ub[1] = 2 / 0.4 = 5
+    assert r.margin.tolist() == [-1.0] and (r.row.item(), r.col.item(), r.worst_class.item()) == (0, 0, 1)
+    # the attack: 8 for class 0 next to its clean evidence gets (cols 2-3) masked; class 1 gets 3,
+    # spread so that its strongest window holds exactly T of its mass (not detected)
+    x = s.clone()
+    x[0, 0, 0, 1:3] = torch.tensor([0.0, 8.0])
+    x[0, 1, 0, 1:3] = torch.tensor([1.5, 1.5])
+    assert d.predict(x).tolist() == [1]
+
+
 def test_masking_mask_larger_than_map():
     y = torch.tensor([0])
     s = torch.zeros(1, 2, 3, 3)

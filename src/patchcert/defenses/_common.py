@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import extend_periodic, summed_area, window_sums
+from .base import competitor, extend_periodic, summed_area, window_sums
 
-__all__ = ["Prepared", "box_sums"]
+__all__ = ["Prepared", "box_sums", "outside_worst"]
 
 
 def box_sums(C: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -57,3 +57,35 @@ class Prepared:
         """Sum of the values in every placement of ``window``: ``[N, K, Hp, Wp]``."""
         hp, wp = self.placements(window)
         return window_sums(self.sat, hp, wp, window[0], window[1])
+
+
+def outside_worst(
+    prep: Prepared, labels: torch.Tensor, window: tuple[int, int], delta: float, a: float, b: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Worst placement of ``window`` for margins of the form
+    ``margin(P, c) = (out_P[y] + a) - (out_P[c] + b)`` with ``out_P = total - sum_P`` (voting
+    3.2: ``a = -|P|, b = 0``; clipping: ``a = |P| lo, b = |P| hi``), for values on a grid of step
+    ``2 * delta`` whose sums are exact.
+
+    Per placement only ``amax`` over classes is needed: adding ``delta`` (half a grid step) to
+    the classes below the label turns "margin 0 with a tie against the label" into a negative
+    margin and changes nothing else, so the smallest shifted margin picks the worst placement
+    in :func:`~patchcert.defenses.base.reduce_placements` order; the exact margin and the
+    lowest worst class are then read at that one placement. Returns ``(margin float64, class,
+    row, col)``, each ``[N]``.
+    """
+    S = prep.window_sums(window)  # [N, K, Hp, Wp]
+    N, K, Hp, Wp = S.shape
+    n = prep.total
+    below = torch.arange(K, device=n.device)[None] < labels[:, None]
+    shifted = (n + below.to(n.dtype) * delta).scatter_(1, labels[:, None], float("-inf"))
+    best = (shifted[:, :, None, None] - S).amax(1)  # [N, Hp, Wp]
+    yidx = labels[:, None, None, None].expand(-1, 1, Hp, Wp)
+    oy = n.gather(1, labels[:, None])[:, :, None] - S.gather(1, yidx)[:, 0]
+    flat = ((oy + a) - (best + b)).reshape(N, Hp * Wp)
+    pos = (flat == flat.amin(1, keepdim=True)).to(torch.uint8).argmax(1)  # first worst placement
+    at = S.reshape(N, K, Hp * Wp).gather(2, pos[:, None, None].expand(-1, K, 1))[:, :, 0]  # [N, K]
+    out = n - at
+    oy_at = out.gather(1, labels[:, None])[:, 0]
+    best_at, cls = competitor(out, labels, inplace=True)
+    return ((oy_at + a) - (best_at + b)).to(torch.float64), cls, pos // Wp, pos % Wp

@@ -9,8 +9,10 @@ Margins
 Every certificate here is a set of inequalities, one per (window shape, placement, competing
 class ``c != y``): ``margin(w, P, c) > 0``, or ``margin == 0`` with ``y < c`` (ties go to the
 lowest class index, as in ``torch.argmax``). :meth:`Defense.certify_details` reports, per image,
-the *worst* of them: the smallest margin, and among equal margins the lowest class, then the
-first window, then the first placement in row-major order. With that ordering
+the *worst* of them: the smallest margin; among equal margins, a case whose tie goes against the
+label (competing class below it) first; then the first window, then the first placement in
+row-major order. The reported class is the lowest class attaining that margin at that
+placement. With that ordering
 
     ``certified == (margin > 0) | ((margin == 0) & (worst_class > label))``
 
@@ -292,19 +294,22 @@ def competitor(
 
 
 def reduce_placements(
-    margin: torch.Tensor, cls: torch.Tensor
+    margin: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Worst placement per image: margin ``[N, Hp, Wp]``, class ``[N, Hp, Wp]`` ->
-    ``(margin, class, row, col)`` each ``[N]`` (min margin, then lowest class, then row-major first)."""
+    """Worst placement per image: margin ``[N, Hp, Wp]`` and class ``[N, Hp, Wp]`` (the lowest
+    class with that margin at the placement) -> ``(margin, class, row, col)`` each ``[N]``.
+
+    Order: smallest margin; among equal margins a placement whose tie goes against the label
+    (class below the label) first; then row-major order."""
     N, Hp, Wp = margin.shape
     m = margin.reshape(N, Hp * Wp)
     c = cls.expand(N, Hp, Wp).reshape(N, Hp * Wp)
     best = m.amin(1)
     cand = m == best[:, None]
-    big = torch.iinfo(torch.long).max
-    cbest = torch.where(cand, c, torch.full_like(c, big)).amin(1)
-    pos = (cand & (c == cbest[:, None])).to(torch.uint8).argmax(1)
-    return best, cbest, pos // Wp, pos % Wp
+    against = cand & (c < labels[:, None])
+    cand = torch.where(against.any(1, keepdim=True), against, cand)
+    pos = cand.to(torch.uint8).argmax(1)  # first candidate
+    return best, c.gather(1, pos[:, None])[:, 0], pos // Wp, pos % Wp
 
 
 # -- the base class --------------------------------------------------------------------------
@@ -422,9 +427,26 @@ class Defense:
     def _window_margins(
         self, prep: Any, labels: torch.Tensor, window: Window
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-placement worst margin and its class, each broadcastable to ``[N, Hp, Wp]``,
-        or None when the window cannot be certified at all (e.g. larger than the map)."""
+        """Per-placement worst margin and the lowest class attaining it, each broadcastable to
+        ``[N, Hp, Wp]``, or None when the window cannot be certified at all (e.g. larger than the
+        map)."""
         raise NotImplementedError
+
+    def _window_worst(
+        self, prep: Any, labels: torch.Tensor, window: Window
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Worst placement of one window per image: ``(margin, class, row, col)`` each ``[N]``,
+        in the order of :func:`reduce_placements`; None when the window cannot be certified.
+        Subclasses may override it with something faster than reducing the full map."""
+        res = self._window_margins(prep, labels, window)
+        if res is None:
+            return None
+        mm, cc = res
+        N = labels.shape[0]
+        if mm.shape[1:] == (1, 1):  # placement-independent (Condition 3.3)
+            zero = torch.zeros(N, dtype=torch.long, device=mm.device)
+            return mm[:, 0, 0], cc.expand(mm.shape)[:, 0, 0], zero, zero.clone()
+        return reduce_placements(mm, cc, labels)
 
     def _analysis_window(self, window: Window) -> Window:
         """The window whose placements the analysis of ``window`` runs over."""
@@ -453,28 +475,22 @@ class Defense:
         ok, clean_margin, clean_cls = self._clean(prep, labels)
         ms, cs, rs, cols, pws = [], [], [], [], []
         for w in windows:
-            res = self._window_margins(prep, labels, w)
+            res = self._window_worst(prep, labels, w)
             if res is None:
                 m = torch.full((N,), float("-inf"), dtype=torch.float64, device=dev)
                 c = torch.full((N,), -1, dtype=torch.long, device=dev)
                 r = torch.full((N,), -1, dtype=torch.long, device=dev)
                 q = r.clone()
             else:
-                mm, cc = res
-                if mm.shape[1:] == (1, 1):
-                    m, c = mm[:, 0, 0], cc.expand(mm.shape)[:, 0, 0]
-                    r = torch.zeros(N, dtype=torch.long, device=dev)
-                    q = r.clone()
-                else:
-                    m, c, r, q = reduce_placements(mm, cc)
+                m, c, r, q = res
             ms.append(m)
             cs.append(c)
             rs.append(r)
             cols.append(q)
             pws.append(passes(m, c, labels) & ok)
         M, C, R, Q = (torch.stack(x, 1) for x in (ms, cs, rs, cols))  # [N, nW]
-        # across windows: min margin, then lowest class, then first window
-        best, cbest, widx, _ = reduce_placements(M[:, :, None], C[:, :, None])
+        # across windows: min margin, then a tie against the label, then the first window
+        best, cbest, _, widx = reduce_placements(M[:, None, :], C[:, None, :], labels)
         row = R.gather(1, widx[:, None])[:, 0]
         col = Q.gather(1, widx[:, None])[:, 0]
         per_window = torch.stack(pws, 1)
@@ -493,11 +509,11 @@ class Defense:
 
 #: Clipped values are stored in fixed point: multiples of ``grid_for(scale)``, a power of two
 #: with ``scale / grid <= 2^32``. Sums of such values are exact in float64 while their magnitude
-#: stays below ``2^52`` grid steps (checked), so every sum, window sum and difference of sums
-#: is exact and independent of the summation order: ``predict`` and ``certify`` agree to the
-#: last bit and exact ties are real ties.
+#: stays below ``2^50`` grid steps (checked; the headroom lets half-steps be exact too), so every
+#: sum, window sum and difference of sums is exact and independent of the summation order:
+#: ``predict`` and ``certify`` agree to the last bit and exact ties are real ties.
 GRID_BITS = 32
-EXACT_LIMIT = 2.0**52
+EXACT_LIMIT = 2.0**50
 
 
 def grid_for(scale: float) -> float:
@@ -517,7 +533,7 @@ def to_grid_(x: torch.Tensor, grid: float) -> torch.Tensor:
 
 def check_exact(mass: float, grid: float, what: str) -> None:
     """Raise unless a bound ``mass`` on every (periodically extended) partial sum of absolute
-    values stays below ``2^52`` grid steps, i.e. every sum is exact in float64."""
+    values stays below ``2^50`` grid steps, i.e. every sum is exact in float64."""
     if not mass / grid < EXACT_LIMIT:
         raise PatchcertError(
             f"{what}: score magnitudes too large for exact float64 sums (a class's total |value| "

@@ -2,9 +2,12 @@
 
 Each score ``u`` of the map ``[N, K, H, W]`` is clipped, in float64:
 
-* ``clip="tanh"``: ``tanh(scale * u + shift)`` (CBN: ``scale=0.05, shift=-1``), range ``(-1, 1)``,
-  rounded to multiples of 2^-32 so that every sum below is exact (order-independent);
-* ``clip=(lo, hi)``: ``clamp(u, lo, hi)`` (finite ``lo < hi``).
+* ``clip="tanh"``: ``tanh(scale * u + shift)`` (CBN: ``scale=0.05, shift=-1``), range ``[-1, 1]``;
+* ``clip=(lo, hi)``: ``clamp(u, lo, hi)`` (finite ``lo < hi``),
+
+then stored in fixed point: rounded to multiples of ``2^(ceil(log2 max(|lo|, |hi|)) - 32)``
+(2^-32 for tanh; ``lo``/``hi`` themselves are rounded the same way), so that every sum below is
+exact and order-independent (maps too large for that are rejected with an error).
 
 Prediction: argmax over classes of the sum of clipped scores (ties: lowest class).
 
@@ -13,9 +16,8 @@ runner-up, which is not sound): for every placement ``P``,
 ``margin = (sum_outside_P(u_y) + |P| lo) - (sum_outside_P(u_c) + |P| hi)`` must be > 0, or == 0
 with ``y < c``. This is exact: writing ``lo`` for ``y`` and ``hi`` for ``c`` in every cell of ``P``
 is a legal attack, so a map that fails the condition can be flipped. Window sums come from one
-summed-area table per batch (float64); they are exact when the clipped values lie on a common
-binary grid (always for ``tanh``; for ``(lo, hi)`` e.g. integer scores or float32 scores of
-moderate range) and otherwise carry float64 rounding (~1e-16 relative).
+summed-area table per batch (float64, exact on the grid). Per placement only the largest
+competing sum is needed (see ``_common.outside_worst``).
 
 A window larger than the map is never certified; ``wrap=True`` lets windows wrap around the
 right/bottom edges (prediction is unaffected).
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import PatchcertError
-from ._common import Prepared
+from ._common import Prepared, outside_worst
 from .base import Defense, Window, check_bool, check_exact, competitor, grid_for, register_defense, to_grid, to_grid_
 
 __all__ = ["Clipping"]
@@ -124,6 +126,12 @@ class Clipping(Defense):
         oy = outside.gather(1, labels[:, None, None, None].expand(-1, 1, *S.shape[2:]))[:, 0]
         best, cls = competitor(outside, labels, inplace=True)
         return (oy + area * self.lo) - (best + area * self.hi), cls
+
+    def _window_worst(self, prep: Prepared, labels: torch.Tensor, window: Window):
+        if not prep.fits(window):
+            return None
+        area = float(window[0] * window[1])
+        return outside_worst(prep, labels, window, self.grid / 2, area * self.lo, area * self.hi)
 
     def _elements_per_image(self, shape, windows) -> int:
         N, K, H, W = shape

@@ -1,9 +1,13 @@
 """Robust masking (PatchGuard, Xiang et al. 2021: Mask-BN and Mask-DS).
 
 Features, from the score map ``[N, K, H, W]`` (float64):
-``"logits"`` (raw scores), ``"confidence"`` (softmax over K per cell, rounded to multiples of
-2^-32 so that its sums are exact) or ``"prediction"`` (one-hot of the per-cell argmax; ties:
-lowest class), then clipped to ``[0, clip_max]`` (``clip_max=None``: only the lower clip at 0).
+``"logits"`` (raw scores), ``"confidence"`` (softmax over K per cell) or ``"prediction"``
+(one-hot of the per-cell argmax; ties: lowest class), then clipped to ``[0, clip_max]``
+(``clip_max=None``: only the lower clip at 0), then stored in fixed point: rounded to multiples
+of ``2^(ceil(log2 s) - 32)`` with ``s = clip_max``, or 1 for confidence/prediction, or 16 for
+unclipped logits (2^-28: the identity on float32 logits of magnitude >= 1/32). Every sum,
+window sum and bound below is then exact; maps whose feature mass would exceed 2^50 grid steps
+are rejected with an error rather than certified inexactly.
 
 Inference (Alg. 1): ``g[c]`` = sum of class c's features; for each class, ``m[c]`` = its largest
 sum over placements of the mask window; if ``g[c] > 0`` and ``m[c] / g[c] > T`` then
@@ -25,10 +29,12 @@ anything when the mask window is larger than the map.
 
 No loop over placements: ``M_all`` and ``M_ovl`` come from (a) prefix/suffix maxima (cyclic
 sliding maxima with wrap) of the per-row and per-column maxima of the window sums, for the
-placements that do not overlap ``P`` (their sums are unchanged by zeroing ``P``), and (b) for the
-``(2wh-1) x (2ww-1)`` overlapping offsets, the window sum minus the sum over the intersection
-with ``P``, read from the label class's summed-area table by gathers (with wrap-around an
-intersection may be up to 2 x 2 rectangles).
+placements that do not overlap ``P`` (their sums are unchanged by zeroing ``P``), and (b) for each
+of the ``(2wh-1) x (2ww-1)`` offsets at which ``Q`` overlaps ``P``, the window sum at ``Q`` minus
+the sum over ``Q ∩ P``, a rectangle of fixed size at a fixed offset from ``P`` -- so, for all
+placements at once, a shifted slice of the label class's box sums of that size (with
+wrap-around an intersection may be up to 2 x 2 rectangles). One step per offset, each over
+every image and placement.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Certificates (label ``y``; ``|P| = wh * ww``):
   ``margin = (n[y] - sum_P s_y) - (n[c] - sum_P s_c) - |P|`` must be > 0, or == 0 with
   ``y < c``. The adversary's best move in ``P`` (``y`` gets no vote, ``c`` one in every cell) is
   available under every binarisation, so the condition is also necessary: a map that fails it
-  can be flipped. Window sums come from one summed-area table per batch.
+  can be flipped. Window sums come from one summed-area table per batch; per placement only the
+  largest competing count is needed (see ``_common.outside_worst``).
 * Condition ``"3.3"`` (DS's global rule): ``margin = n[y] - n[c] - 2 |P|`` > 0, or == 0 with
   ``y < c``, for every window asked for (so for the largest area). Never certifies more than 3.2.
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatchcertError
-from ._common import Prepared
+from ._common import Prepared, outside_worst
 from .base import Defense, Window, check_bool, check_fraction, competitor, register_defense
 
 __all__ = ["Voting", "binarize_votes"]
@@ -95,8 +96,9 @@ class Voting(Defense):
     def _prepare(self, scores: torch.Tensor) -> Prepared:
         H, W = scores.shape[2:]
         # counts (and the summed-area table of a periodically extended map) are integers below
-        # 4 H W: exact in float32 below 2^24, which is twice as fast as float64
-        dtype = torch.float32 if 4 * H * W < 2**24 else torch.float64
+        # 4 H W: exact in float32 (with half-integers, see outside_worst) below 2^22; twice as
+        # fast as float64
+        dtype = torch.float32 if 4 * H * W < 2**22 else torch.float64
         return Prepared.build(binarize_votes(scores, self.binarize), self.wrap, dtype)
 
     def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
@@ -123,6 +125,11 @@ class Voting(Defense):
         oy = outside.gather(1, labels[:, None, None, None].expand(-1, 1, *S.shape[2:]))[:, 0]
         best, cls = competitor(outside, labels, inplace=True)
         return ((oy - best) - area).to(torch.float64), cls
+
+    def _window_worst(self, prep: Prepared, labels: torch.Tensor, window: Window):
+        if self.condition == "3.3" or not prep.fits(window):
+            return super()._window_worst(prep, labels, window)
+        return outside_worst(prep, labels, window, 0.5, -float(window[0] * window[1]), 0.0)
 
     def _elements_per_image(self, shape, windows) -> int:
         N, K, H, W = shape
