@@ -15,4 +15,4 @@ patchcert certify --scores runs/eval-all/scores.safetensors -n "$N_CMP" \
 # 3. the heuristic attack (BagCert A.2) on the first 500 test images, 5x5
 patchcert attack -n "${N_ATTACK:-500}" --defense voting --patch 5x5 --out runs/eval-attack --no-progress --save-png 4
 # 4. tables and plots
-patchcert report runs/eval-all runs/eval-cmp --attack runs/eval-attack --examples 0,1,2,3 --map-patch 5x5 --out docs/results
+patchcert report runs/eval-all runs/eval-cmp --attack runs/eval-attack --examples 4,0 --map-patch 5x5 --out docs/results
