@@ -19,29 +19,40 @@ def box_sums(C: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 @dataclass
 class Prepared:
-    """The values a defense sums, for one chunk of score maps, as a summed-area table.
+    """The values a defense sums, for one chunk of score maps, with their sums and a lazily
+    built summed-area table.
 
-    sat   ``[N, K, He+1, We+1]`` summed-area table of the values ``[N, K, H, W]`` (periodically
-          extended to ``[2H-1, 2W-1]`` with wrap-around); float64, or float32 for votes
-          (small integers, exact)
-    total ``[N, K]`` the sums over the map
-    size  ``(H, W)``
-    wrap  whether windows wrap around the right/bottom edges
+    values ``[N, K, H, W]`` (bool votes, or float64 clipped values on the fixed-point grid)
+    dtype  the dtype of sums: float64, or float32 for votes (small integers, exact)
+    total  ``[N, K]`` the sums over the map
+    wrap   whether windows wrap around the right/bottom edges
     """
 
-    sat: torch.Tensor
+    values: torch.Tensor
+    dtype: torch.dtype
     total: torch.Tensor
-    size: tuple[int, int]
     wrap: bool
     extra: dict = field(default_factory=dict)
+    _sat: torch.Tensor | None = None
 
     @classmethod
     def build(cls, values: torch.Tensor, wrap: bool, dtype: torch.dtype = torch.float64) -> "Prepared":
-        """From values ``[N, K, H, W]`` (any dtype; converted to ``dtype`` in the table)."""
-        H, W = int(values.shape[2]), int(values.shape[3])
-        x = extend_periodic(values, H - 1, W - 1) if wrap else values
-        C = summed_area(x, dtype)
-        return cls(sat=C, total=C[:, :, H, W].clone(), size=(H, W), wrap=wrap)
+        """From values ``[N, K, H, W]`` (sums exact in ``dtype``)."""
+        return cls(values=values, dtype=dtype, total=values.sum((2, 3), dtype=dtype), wrap=wrap)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (int(self.values.shape[2]), int(self.values.shape[3]))
+
+    @property
+    def sat(self) -> torch.Tensor:
+        """``[N, K, He+1, We+1]`` summed-area table of the values (periodically extended to
+        ``[2H-1, 2W-1]`` with wrap-around)."""
+        if self._sat is None:
+            H, W = self.size
+            x = extend_periodic(self.values, H - 1, W - 1) if self.wrap else self.values
+            self._sat = summed_area(x, self.dtype)
+        return self._sat
 
     def fits(self, window: tuple[int, int]) -> bool:
         H, W = self.size
