@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field

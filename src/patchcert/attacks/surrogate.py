@@ -14,7 +14,7 @@ own aggregation: clipped sums for Clipped BagNet; for robust masking the masked 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -8,7 +8,6 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import math
 import re
 import shlex
 import sys
