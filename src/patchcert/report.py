@@ -567,7 +567,7 @@ def plot_bounds(rows: Sequence[ReportRow], path: str | os.PathLike) -> bool:
         return False
     plt = _plt()
     multi = len({r.run for r in sel}) > 1
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(sel) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.3 * len(sel) + 2), 4.8))
     x = list(range(len(sel)))
     wdt = 0.26
     for off, (name, vals, col) in zip((-wdt, 0, wdt), (
