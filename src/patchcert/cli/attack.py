@@ -50,16 +50,9 @@ def register(sub) -> None:
         description="Attack a model under patch defenses (BagCert A.2 and a stronger setting); "
                     "compare with the certificates.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data (as patchcert certify)")
-    g.add_argument("--model", help="checkpoint path, shipped pretrained name or registry name (default: shipped model)")
-    g.add_argument("--model-cfg", metavar="JSON", help="options of a registry model, e.g. '{\"width\": 32}'")
-    g.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic "
-                                     "(default: the checkpoint's, else cifar10)")
-    g.add_argument("--dataset-cfg", metavar="JSON", help="dataset loader options (as patchcert certify)")
-    g.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
-    g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
-    g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
-    g.add_argument("--num-examples", "-n", type=int, help="number of examples (default: all from --start)")
+    from .certify import add_model_data_arguments
+
+    add_model_data_arguments(p.add_argument_group("model and data (as patchcert certify)"), scores=False)
     t = p.add_argument_group("threat and defenses (as patchcert certify)")
     t.add_argument("--defense", action="append", metavar="SPEC", help="defense spec, repeatable (default: voting)")
     t.add_argument("--patch", action="append", metavar="SPEC", help="patch spec, repeatable (default: 5x5)")

@@ -52,18 +52,7 @@ def register(sub) -> None:
         "certify", help="certify a model or cached score maps against patch attacks",
         description="Certified accuracy of a model under patch defenses: per-example records and a summary.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="checkpoint path, shipped pretrained name or registry name (default: shipped model)")
-    g.add_argument("--model-cfg", metavar="JSON", help="options of a registry model, e.g. '{\"width\": 32}'")
-    g.add_argument("--scores", metavar="FILE", help="certify cached score maps (scores.safetensors) instead of a model")
-    g.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic "
-                                     "(default: the checkpoint's, else cifar10)")
-    g.add_argument("--dataset-cfg", metavar="JSON", help="dataset loader options, e.g. '{\"pattern\": \"colour\"}' "
-                                                        "(synthetic) or '{\"size\": 224, \"resize\": 256}' (folders)")
-    g.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
-    g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
-    g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
-    g.add_argument("--num-examples", "-n", type=int, help="number of examples (default: all from --start)")
+    add_model_data_arguments(p.add_argument_group("model and data"), scores=True)
     t = p.add_argument_group("threat and defenses")
     t.add_argument("--defense", action="append", metavar="SPEC", help="defense spec, repeatable (see below)")
     t.add_argument("--patch", action="append", metavar="SPEC", help="patch spec, repeatable (see below)")
@@ -84,6 +73,22 @@ def register(sub) -> None:
     o.add_argument("--json", action="store_true", help="print the results as one JSON line (last line of stdout)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def add_model_data_arguments(g, scores: bool = True) -> None:
+    """The model and data options shared by ``patchcert certify`` and ``patchcert attack``."""
+    g.add_argument("--model", help="checkpoint path, shipped pretrained name or registry name (default: shipped model)")
+    g.add_argument("--model-cfg", metavar="JSON", help="options of a registry model, e.g. '{\"width\": 32}'")
+    if scores:
+        g.add_argument("--scores", metavar="FILE", help="certify cached score maps (scores.safetensors) instead of a model")
+    g.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic "
+                                     "(default: the checkpoint's, else cifar10)")
+    g.add_argument("--dataset-cfg", metavar="JSON", help="dataset loader options, e.g. '{\"pattern\": \"colour\"}' "
+                                                        "(synthetic) or '{\"size\": 224, \"resize\": 256}' (folders)")
+    g.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
+    g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
+    g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
+    g.add_argument("--num-examples", "-n", type=int, help="number of examples (default: all from --start)")
 
 
 # -- model and data ----------------------------------------------------------------------
