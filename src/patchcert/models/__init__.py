@@ -6,6 +6,7 @@ from . import bagcert  # noqa: F401  (registers bagcert_cifar, bagcert_imagenet)
 from . import bagnet  # noqa: F401  (registers bagnet9, bagnet17, bagnet33)
 from . import resnet  # noqa: F401  (registers resnet18_cifar, resnet18, resnet_small)
 from . import ds  # noqa: F401  (registers ds_column, ds_block)
+from . import fastnet  # noqa: F401  (registers fastnet_cifar)
 from .ds import ablate, random_ablate
 
 __all__ = [

@@ -95,6 +95,7 @@ class TrainConfig:
     sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch
     eval_defense: dict | None = None  # {"name": ..., **kwargs}; None: the objective's default
     dataset_cfg: dict = field(default_factory=dict)  # extra load_dataset options (e.g. ImageFolder size)
+    nesterov: bool = False  # sgd only
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -347,7 +348,8 @@ def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -35,6 +35,7 @@ __all__ = [
     "CrossEntropyObjective",
     "PatchGuardObjective",
     "DSObjective",
+    "MaskCutoutObjective",
     "OBJECTIVES",
     "register_objective",
     "create_objective",
@@ -385,3 +386,62 @@ class DSObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "mode": self.mode, "b": self.b}
+
+
+@register_objective
+class MaskCutoutObjective(Objective):
+    """Training for masking invariance (PatchCleanser's Cutout-style augmentation).
+
+    Each image of the global batch is occluded by 0, 1 or 2 masks (probabilities ``probs``)
+    drawn uniformly from the double-masking mask set of the threat ``patch`` with ``k`` masks
+    per axis (for a multi-shape threat such as ``area=24``, one shape per batch, drawn at
+    random); masked pixels take ``fill``. The masks come from the data generator, so runs
+    resume exactly and every DDP rank sees the same occlusions. Loss: cross-entropy of the
+    (spatially averaged) logits with ``label_smoothing``.
+    """
+
+    name = "mask_cutout"
+    uses_generator = True
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
+                 probs: Sequence[float] = (0.2, 0.3, 0.5), fill: float = 0.5, label_smoothing: float = 0.0) -> None:
+        super().__init__(model, image_size)
+        from ..geometry import parse_patch
+        from ..masks import mask_set
+
+        try:
+            shapes = parse_patch(patch).shapes(image_size)
+        except ValueError as e:
+            raise PatchcertError(f"objective 'mask_cutout': {e}") from None
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PatchcertError(f"objective 'mask_cutout': k must be a positive int, got {k!r}")
+        self.mask_sets = [mask_set(image_size, s, k) for s in shapes]
+        self.patch, self.k = patch, k
+        if not isinstance(probs, (list, tuple)) or len(probs) != 3:
+            raise PatchcertError(f"objective 'mask_cutout': probs must be [p0, p1, p2], got {probs!r}")
+        self.probs = [_number("mask_cutout probs", p, lo=0.0) for p in probs]
+        if abs(sum(self.probs) - 1.0) > 1e-9:
+            raise PatchcertError(f"objective 'mask_cutout': probs must sum to 1, got {probs!r}")
+        self.fill = _number("mask_cutout fill", fill, lo=0.0)
+        if self.fill > 1:
+            raise PatchcertError(f"objective 'mask_cutout': fill must be in [0, 1], got {fill!r}")
+        self.label_smoothing = _number("mask_cutout label_smoothing", label_smoothing, lo=0.0)
+        if self.label_smoothing >= 1:
+            raise PatchcertError(f"objective 'mask_cutout': label_smoothing must be < 1, got {label_smoothing!r}")
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        from ..masks import apply_masks, random_masks
+
+        j = int(torch.randint(0, len(self.mask_sets), (1,), generator=generator)) if len(self.mask_sets) > 1 else 0
+        m = random_masks(self.mask_sets[j], x.shape[0], self.probs, generator)
+        return apply_masks(x, m, self.fill)
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s = out.float()
+        if s.dim() == 4:
+            s = s.mean((2, 3))
+        return F.cross_entropy(s, labels, label_smoothing=self.label_smoothing)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "patch": self.patch, "k": self.k, "probs": self.probs, "fill": self.fill,
+                "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets]}
