@@ -1,0 +1,337 @@
+"""Double masking (PatchCleanser): mask sets, the table, prediction and the certificate.
+
+Everything is checked against plain references that literally build every masked image and
+run the published algorithm with Python loops, and the certificate is attacked exhaustively
+on tiny images with a tiny exact (integer-arithmetic) model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcert.defenses.double_masking import (
+    DoubleMasking,
+    certify_from_table,
+    covers,
+    double_masking_predict,
+    first_failing_pair,
+    masked_prediction_table,
+    pair_indices,
+    predict_from_table,
+    union_mask_set,
+)
+from patchcert.errors import PatchcertError
+from patchcert.masks import apply_masks, axis_masks, mask_set, random_masks
+
+# -- references ------------------------------------------------------------------------------
+
+
+def ref_axis(n: int, p: int, k: int) -> list[tuple[int, int]]:
+    """The issue's words: stride ceil((n-p+1)/k), size p+s-1, starts 0, s, 2s, ..., last moved to n-m."""
+    s = math.ceil((n - p + 1) / k)
+    m = p + s - 1
+    starts = [i * s for i in range(k)]
+    starts[-1] = n - m
+    out: list[tuple[int, int]] = []
+    for a in starts:
+        a = min(a, n - m)
+        if (a, m) not in out:
+            out.append((a, m))
+    return out
+
+
+def literal_masked(x: torch.Tensor, rects, fill: float) -> torch.Tensor:
+    y = x.clone()
+    for (t, l, h, w) in rects:
+        y[:, t:t + h, l:l + w] = fill
+    return y
+
+
+def literal_predict(model, x: torch.Tensor, ms, fill: float) -> int:
+    """PatchCleanser's double masking for one image [C, H, W], as the paper writes it."""
+    def f(img):
+        return int(model(img[None]).flatten(1).argmax(1))
+
+    rects = ms.rects
+    one = [f(literal_masked(x, [r], fill)) for r in rects]
+    if all(v == one[0] for v in one):
+        return one[0]
+    counts: dict[int, int] = {}
+    for v in one:
+        counts[v] = counts.get(v, 0) + 1
+    best = max(counts.values())
+    maj = min(c for c, n in counts.items() if n == best)
+    for i, r in enumerate(rects):
+        if one[i] == maj:
+            continue
+        if all(f(literal_masked(x, [r, r2], fill)) == one[i] for r2 in rects):
+            return one[i]
+    return maj
+
+
+def literal_table(model, x: torch.Tensor, ms, fill: float) -> torch.Tensor:
+    m = len(ms)
+    t = torch.zeros(x.shape[0], m, m, dtype=torch.long)
+    for n in range(x.shape[0]):
+        for i in range(m):
+            for j in range(m):
+                img = literal_masked(x[n], [ms.rects[i], ms.rects[j]], fill)
+                t[n, i, j] = int(model(img[None]).flatten(1).argmax(1))
+    return t
+
+
+def table_predict_ref(table: torch.Tensor) -> list[int]:
+    out = []
+    for t in table.tolist():
+        m = len(t)
+        one = [t[i][i] for i in range(m)]
+        if all(v == one[0] for v in one):
+            out.append(one[0])
+            continue
+        counts: dict[int, int] = {}
+        for v in one:
+            counts[v] = counts.get(v, 0) + 1
+        best = max(counts.values())
+        maj = min(c for c, n in counts.items() if n == best)
+        res = maj
+        for i in range(m):
+            if one[i] != maj and all(t[i][j] == one[i] for j in range(m)):
+                res = one[i]
+                break
+        out.append(res)
+    return out
+
+
+class ExactNet(nn.Module):
+    """A tiny CNN in float64 with integer weights: inputs on a 1/2 grid give exact logits, so
+    the prediction of an image never depends on the batch it is evaluated in."""
+
+    def __init__(self, seed: int, k: int = 3, chans: int = 1) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(chans, 4, 3, padding=1, bias=False).double()
+        self.fc = nn.Linear(4, k, bias=False).double()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randint(-2, 3, self.conv.weight.shape, generator=g).double())
+            self.fc.weight.copy_(torch.randint(-3, 4, self.fc.weight.shape, generator=g).double())
+
+        self.register_buffer("bias", torch.zeros(k, dtype=torch.float64))
+
+    def calibrate(self, x: torch.Tensor) -> "ExactNet":
+        """Integer class offsets that centre the logits on ``x``: predictions become fragile."""
+        with torch.no_grad():
+            self.bias.zero_()
+            self.bias.copy_(-self(x).mean(0).round())
+        return self
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x.double())).sum((2, 3))) + self.bias
+
+
+# -- mask sets -------------------------------------------------------------------------------
+
+
+def test_issue_example_k6_cifar():
+    ms = mask_set((32, 32), (5, 5), 6)
+    assert axis_masks(32, 5, 6) == [(0, 9), (5, 9), (10, 9), (15, 9), (20, 9), (23, 9)]
+    assert len(ms) == 36 and len(pair_indices(36)) == 666
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_axis_masks_match_the_words_and_cover(n):
+    for p in range(1, n + 1):
+        for k in range(1, n + 3):
+            got = axis_masks(n, p, k)
+            assert got == ref_axis(n, p, k), (n, p, k)
+            assert len(got) <= k
+            for a, m in got:
+                assert 0 <= a and a + m <= n
+            for a in range(n - p + 1):  # every placement inside a mask
+                assert any(s <= a and a + p <= s + m for s, m in got), (n, p, k, a)
+
+
+@given(h=st.integers(1, 14), w=st.integers(1, 14), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_mask_set_covers_every_placement(h, w, data):
+    ph, pw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    k = data.draw(st.integers(1, 8))
+    ms = mask_set((h, w), (ph, pw), k)
+    assert covers(ms, (ph, pw))
+    b = ms.boolean()
+    for top in range(h - ph + 1):
+        for left in range(w - pw + 1):
+            i = ms.covering(top, left)
+            assert bool(b[i, top:top + ph, left:left + pw].all())
+    # smaller patches are covered too (masks for p cover every p' <= p)
+    assert covers(ms, (max(1, ph - 1), pw)) and covers(ms, (ph, max(1, pw - 1)))
+
+
+def test_covers_detects_a_gap():
+    ms = mask_set((10, 10), (3, 3), 2)
+    assert covers(ms, (3, 3)) and not covers(ms, (10, 10)) and not covers(ms, (11, 3))
+    hole = type(ms)(ms.image_size, ms.patch, ms.k, ms.rects[1:])  # drop the first mask
+    assert not covers(hole, (3, 3))
+
+
+def test_union_mask_set_covers_every_shape():
+    shapes = [(1, 6), (2, 3), (3, 2), (6, 1)]
+    ms = union_mask_set((12, 12), shapes, 3)
+    assert all(covers(ms, s) for s in shapes)
+    assert len(set(ms.rects)) == len(ms.rects)
+
+
+@pytest.mark.parametrize("args", [((32, 32), (5, 5), 0), ((32, 32), (40, 5), 6), ((32, 32), (0, 5), 6),
+                                  ((32, 32), (5, 5), True)])
+def test_bad_mask_set_is_one_line_error(args):
+    with pytest.raises(PatchcertError) as e:
+        mask_set(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_defense_options_are_checked():
+    for bad in ({"k": 0}, {"k": 2.5}, {"fill": 2.0}, {"fill": "gray"}, {"patch": "5y5"}, {"bf16": "yes"}):
+        with pytest.raises(PatchcertError):
+            DoubleMasking(**bad)
+    d = DoubleMasking(k=6)
+    with pytest.raises(PatchcertError, match="larger than the image"):
+        d.mask_set((32, 32), "40x40")
+    assert d.mask_set((32, 32), "5x5").rects == mask_set((32, 32), (5, 5), 6).rects
+
+
+def test_random_masks_follow_the_set():
+    ms = mask_set((16, 16), (3, 3), 4)
+    g = torch.Generator().manual_seed(0)
+    m = random_masks(ms, 400, (0.2, 0.3, 0.5), g)
+    table = ms.boolean()
+    area = m.sum((1, 2))
+    assert (area == 0).any() and (area > 0).any()
+    for row in m[:50]:
+        if row.any():  # a union of one or two masks of the set
+            assert any(torch.equal(row, table[i] | table[j]) for i in range(len(ms)) for j in range(len(ms)))
+    with pytest.raises(PatchcertError):
+        random_masks(ms, 4, (0.5, 0.6, 0.1), g)
+
+
+# -- table, prediction, certificate vs the literal reference ---------------------------------
+
+
+def _tiny_images(n: int, size: int, seed: int, chans: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n, chans, size, size), generator=g).double() / 2  # values 0, .5, 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_table_prediction_and_certificate_match_literal_reference(seed):
+    x = _tiny_images(12, 7, seed)
+    model = ExactNet(seed).calibrate(x)
+    ms = mask_set((7, 7), (2, 2), 3)
+    tab = masked_prediction_table(model, x, ms, fill=0.5, batch_size=7)
+    assert torch.equal(tab, literal_table(model, x, ms, 0.5))
+    ref = [literal_predict(model, x[i], ms, 0.5) for i in range(len(x))]
+    assert predict_from_table(tab).tolist() == ref
+    assert double_masking_predict(model, x, ms, fill=0.5, batch_size=5).tolist() == ref
+    labels = torch.tensor(ref)
+    cert = certify_from_table(tab, labels)
+    assert cert.tolist() == [bool((tab[i] == labels[i]).all()) for i in range(len(x))]
+    cnt, i, j = first_failing_pair(tab, labels)
+    assert ((cnt == 0) == cert).all() and ((i == -1) == cert).all()
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_predict_from_table_matches_reference_on_random_tables(data):
+    n, m, k = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    vals = data.draw(st.lists(st.integers(0, k - 1), min_size=n * m * m, max_size=n * m * m))
+    t = torch.tensor(vals).view(n, m, m)
+    t = torch.triu(t) + torch.triu(t, 1).transpose(1, 2)  # symmetric
+    assert predict_from_table(t).tolist() == table_predict_ref(t)
+    lab = torch.tensor(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
+    cert = certify_from_table(t, lab)
+    # certified => the prediction from the table is the label
+    assert (predict_from_table(t)[cert] == lab[cert]).all()
+
+
+def test_bad_tables_and_labels_are_errors():
+    with pytest.raises(PatchcertError, match="symmetric"):
+        predict_from_table(torch.tensor([[[0, 1], [0, 0]]]))
+    with pytest.raises(PatchcertError, match="integer"):
+        predict_from_table(torch.zeros(1, 2, 2))
+    with pytest.raises(PatchcertError, match="negative"):
+        predict_from_table(-torch.ones(1, 2, 2, dtype=torch.long))
+    with pytest.raises(PatchcertError, match="labels"):
+        certify_from_table(torch.zeros(2, 2, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(PatchcertError, match="images"):
+        masked_prediction_table(ExactNet(0), torch.zeros(1, 1, 6, 6), mask_set((7, 7), (2, 2), 3))
+
+
+def test_nan_logits_are_an_error():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), float("nan"))
+
+    with pytest.raises(PatchcertError, match="non-finite"):
+        masked_prediction_table(Nan(), torch.zeros(1, 1, 6, 6), mask_set((6, 6), (2, 2), 2))
+
+
+# -- soundness: certified examples survive every patch -----------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exhaustive_patch_attack_never_flips_a_certified_example(seed):
+    """Tiny images (6x6, one channel), 2x2 patches with every binary content at every
+    placement (16 x 25 patched images per example); the literal double-masking prediction of
+    every patched image must be the label of every certified example."""
+    size, patch = 6, (2, 2)
+    x = _tiny_images(40, size, seed)
+    model = ExactNet(100 + seed).calibrate(x)
+    ms = mask_set((size, size), patch, 3)
+    tab = masked_prediction_table(model, x, ms, fill=0.5)
+    labels = predict_from_table(tab)
+    cert = certify_from_table(tab, labels)
+    assert 0 < int(cert.sum()) < len(x), "the test needs both certified and uncertified examples"
+    contents = [torch.tensor(c, dtype=torch.float64).view(1, 2, 2) for c in itertools.product([0.0, 1.0], repeat=4)]
+    flipped_uncertified = 0
+    for n in range(len(x)):
+        for top in range(size - 1):
+            for left in range(size - 1):
+                for c in contents:
+                    xp = x[n].clone()
+                    xp[:, top:top + 2, left:left + 2] = c
+                    p = literal_predict(model, xp, ms, 0.5)
+                    if bool(cert[n]):
+                        assert p == int(labels[n]), (n, top, left, c)
+                    elif p != int(labels[n]):
+                        flipped_uncertified += 1
+    assert flipped_uncertified > 0  # the attack is strong enough to matter
+
+
+def test_defense_object_end_to_end_on_a_multi_shape_threat():
+    model = ExactNet(7)
+    x = _tiny_images(6, 8, 3)
+    d = DoubleMasking(k=3, patch="area=4")
+    ms = d.mask_set((8, 8))
+    shapes = [(1, 4), (2, 2), (4, 1)]
+    assert all(covers(ms, s) for s in shapes)
+    tab = d.table(model, x, ms)
+    pred = d.predict_table(tab)
+    assert torch.equal(pred, d.predict(model, x, ms))
+    cert = d.certify_table(tab, pred, ms, shapes)
+    assert torch.equal(cert, certify_from_table(tab, pred))
+    # a threat the mask set does not cover is never certified
+    assert not d.certify_table(tab, pred, ms, [(5, 5)]).any()
+    assert d.key == "double-masking(k=3,patch=area=4)"
+
+
+def test_apply_masks_per_channel_fill():
+    x = torch.ones(1, 3, 4, 4)
+    m = torch.zeros(1, 4, 4, dtype=torch.bool)
+    m[0, :2, :2] = True
+    y = apply_masks(x, m, torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3])) and (y[0, :, 3, 3] == 1).all()
