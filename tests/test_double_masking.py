@@ -201,8 +201,10 @@ def test_defense_options_are_checked():
             DoubleMasking(**bad)
     d = DoubleMasking(k=6)
     with pytest.raises(PatchcertError, match="larger than the image"):
-        d.mask_set((32, 32), "40x40")
-    assert d.mask_set((32, 32), "5x5").rects == mask_set((32, 32), (5, 5), 6).rects
+        DoubleMasking(patch="40x40").mask_set((32, 32))
+    with pytest.raises(PatchcertError, match="no patch"):
+        d.mask_set((32, 32))
+    assert d.mask_set((32, 32), [(5, 5)]).rects == mask_set((32, 32), (5, 5), 6).rects
 
 
 def test_random_masks_follow_the_set():
@@ -335,3 +337,79 @@ def test_apply_masks_per_channel_fill():
     m[0, :2, :2] = True
     y = apply_masks(x, m, torch.tensor([0.1, 0.2, 0.3]))
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.3])) and (y[0, :, 3, 3] == 1).all()
+
+
+# -- the attack and the certify pipeline --------------------------------------------------------
+
+
+def test_pgd_attack_never_breaks_a_certified_example_and_finds_breaks():
+    from patchcert.attacks.double_masking import attack_double_masking
+
+    x = _tiny_images(30, 6, 11)
+    model = ExactNet(211).calibrate(x)
+    ms = mask_set((6, 6), (2, 2), 3)
+    tab = masked_prediction_table(model, x, ms, fill=0.5)
+    labels = predict_from_table(tab)  # every example is "correct": the attack must do the work
+    d = DoubleMasking(k=3)
+    res = attack_double_masking(model, x, labels, d, ms, (2, 2), steps=10, step_size=0.25, n_random=3, table=tab)
+    assert res.soundness_failures == []
+    assert bool(res.certified.any()) and bool((~res.robust).any())
+    assert bool((res.robust | ~res.certified).all())
+    for n, (top, left) in ((n, p) for n, p in enumerate(res.placement) if p is not None):
+        adv = res.adv_images[n]
+        # only the patch differs, and the literal defense agrees with the reported prediction
+        diff = (adv != x[n]).any(0)
+        assert not diff[:top].any() and not diff[top + 2:].any() and not diff[:, :left].any() \
+            and not diff[:, left + 2:].any()
+        assert literal_predict(model, adv, ms, 0.5) == int(res.adv_pred[n]) != int(labels[n])
+
+
+def test_certify_dataset_runs_double_masking_next_to_score_map_defenses(tmp_path):
+    from patchcert.certify import certify_dataset
+    from patchcert.data import synthetic_dataset
+    from patchcert.models import create_model
+    from patchcert.results import read_records
+
+    torch.manual_seed(0)
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    data = synthetic_dataset(n=5, num_classes=3, size=32)
+    run = certify_dataset(m, data, defenses=["double-masking:k=2", "voting"], patches=["5x5", "area=12"],
+                          batch_size=3, out_dir=tmp_path / "run", square_cap=0)
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    assert [r.index for r in recs] == list(range(5))
+    ms = mask_set((32, 32), (5, 5), 2)
+    x = torch.stack([data.images[i] for i in range(5)]).float() / 255
+    m.eval()
+    tab = masked_prediction_table(m, x, union_mask_set((32, 32), [(5, 5)] + [(a, b) for a, b in
+                                  __import__("patchcert.geometry", fromlist=["x"]).parse_patch("area=12")
+                                  .shapes((32, 32))], 2))
+    key = "double-masking(k=2)"
+    assert key in recs[0].defenses
+    pred = predict_from_table(tab)
+    cert = certify_from_table(tab, data.labels[:5])
+    for i, r in enumerate(recs):
+        o = r.defenses[key]
+        assert o.pred == int(pred[i]) and o.certified["5x5"] == bool(cert[i])
+        assert o.certified["area=12"] == bool(cert[i]) and set(o.shapes["area=12"]) >= {"1x12", "3x4"}
+        assert not r.defenses["voting(sign,3.2)"].certified["5x5"]  # a one-cell map certifies nothing
+    rows = {(row.defense, row.patch): row for row in run.summary.results}
+    assert rows[(key, "5x5")].certified_accuracy == pytest.approx(float(cert.float().mean()))
+    assert len(ms) == 4
+
+
+def test_certify_refuses_double_masking_on_cached_scores(tmp_path):
+    from patchcert.certify import certify_dataset
+    from patchcert.data import synthetic_dataset
+    from patchcert.models import create_model
+    from patchcert.results import load_scores
+
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    data = synthetic_dataset(n=2, num_classes=3, size=32)
+    certify_dataset(m, data, defenses=["voting"], batch_size=2, out_dir=tmp_path / "a", save_scores=True,
+                    square_cap=0)
+    with pytest.raises(PatchcertError, match="needs the model"):
+        certify_dataset(scores=load_scores(tmp_path / "a" / "scores.safetensors"), defenses=["double-masking"])
+    with pytest.raises(PatchcertError, match="unknown option"):
+        certify_dataset(m, data, defenses=["double-masking:q=3"], square_cap=0)
+    with pytest.raises(PatchcertError, match="k must be"):
+        certify_dataset(m, data, defenses=["double-masking:k=0"], square_cap=0)

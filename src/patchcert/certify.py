@@ -77,6 +77,8 @@ __all__ = [
     "certify_dataset",
     "shard_batches",
     "DTYPES",
+    "PIXEL_DEFENSES",
+    "default_mask_shapes",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -134,7 +136,7 @@ def parse_defense_spec(text: str | DefenseSpec) -> DefenseSpec:
         raise PatchcertError(f"defense spec must be a non-empty string like 'voting' or 'masking:threshold=0', got {text!r}")
     name, _, rest = text.strip().partition(":")
     name = name.strip()
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", name):
         raise PatchcertError(f"malformed defense spec {text!r}: expected NAME[:KEY=VALUE,...]")
     params: dict[str, Any] = {}
     if rest.strip():
@@ -159,6 +161,12 @@ class DefensePlan:
     defense: Any
     config: dict[str, Any]
     spec: str
+    #: double masking: the mask set (the defense works on pixels and needs the model)
+    mask_set: Any = None
+
+    @property
+    def on_pixels(self) -> bool:
+        return self.mask_set is not None
 
 
 def _defense_key(d: Any, spec: DefenseSpec | None) -> str:
@@ -192,8 +200,48 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+PIXEL_DEFENSES = ("double-masking", "double_masking")
+
+
+def _build_double_masking(spec: DefenseSpec, image_size: tuple[int, int] | None,
+                          default_shapes: Sequence[tuple[int, int]] | None) -> DefensePlan:
+    from .defenses.double_masking import DoubleMasking
+
+    params = dict(spec.params)
+    allowed = ("k", "fill", "patch", "bf16")
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise PatchcertError(f"defense {spec.text!r}: unknown option(s) {', '.join(unknown)}; options: "
+                             f"{', '.join(allowed)}")
+    if "patch" in params and not isinstance(params["patch"], str):
+        p = params["patch"]
+        params["patch"] = f"{p[0]}x{p[1]}" if isinstance(p, tuple) else str(p)
+    try:
+        d = DoubleMasking(**params)
+        if image_size is None:
+            raise PatchcertError("double masking needs the image size")
+        ms = d.mask_set(image_size, default_shapes)
+    except PatchcertError as e:
+        raise PatchcertError(f"defense {spec.text!r}: {e}") from None
+    cfg = {**d.config, "masks": len(ms)}
+    return DefensePlan(d.key, d, cfg, spec.text, mask_set=ms)
+
+
+def default_mask_shapes(plans: Sequence["PatchPlan"]) -> list[tuple[int, int]]:
+    """The shapes a double-masking defense without ``patch=`` builds its mask set for: the
+    bounding shape of the requested patches if each threat is one shape (a mask set for a
+    ``ph x pw`` patch covers every smaller one), else the union of every requested shape."""
+    if all(len(p.shapes) == 1 for p in plans):
+        return [(max(p.shapes[0][0] for p in plans), max(p.shapes[0][1] for p in plans))]
+    out: list[tuple[int, int]] = []
+    for p in plans:
+        out += [s for s in p.shapes if s not in out]
+    return out
+
+
 def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None,
-                   wrap: bool = False) -> list[DefensePlan]:
+                   wrap: bool = False, image_size: tuple[int, int] | None = None,
+                   default_shapes: Sequence[tuple[int, int]] | None = None) -> list[DefensePlan]:
     """Build every defense up front (bad names/parameters fail here, before any work).
 
     ``default_window``: the feature window given to a masking defense whose spec sets no
@@ -208,6 +256,12 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
         raise PatchcertError("no defense given")
     plans: list[DefensePlan] = []
     for s in specs:
+        if isinstance(s, (str, DefenseSpec)) and parse_defense_spec(s).name in PIXEL_DEFENSES:
+            plan = _build_double_masking(parse_defense_spec(s), image_size, default_shapes)
+            if any(p.key == plan.key for p in plans):
+                raise PatchcertError(f"defense {plan.key!r} requested twice")
+            plans.append(plan)
+            continue
         if isinstance(s, (str, DefenseSpec)):
             spec = parse_defense_spec(s)
             params = dict(spec.params)
@@ -361,8 +415,12 @@ class _Timer:
 def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
                   defenses: Sequence[DefensePlan], patches: Sequence[PatchPlan],
                   squares: Sequence[tuple[int, int]] | None = None, timer: _Timer | None = None,
-                  square_method: str = "bisect") -> list[ExampleRecord]:
+                  square_method: str = "bisect", tables: Mapping[str, torch.Tensor] | None = None
+                  ) -> list[ExampleRecord]:
     """Certify one batch of score maps against every defense and patch.
+
+    ``tables``: for pixel defenses (double masking), the batch's masked-prediction tables
+    ``[B, M, M]`` by defense key (:func:`patchcert.defenses.double_masking.masked_prediction_table`).
 
     ``scores`` float ``[B, K, H, W]`` (the dtype the defenses compute in), ``labels`` long
     ``[B]`` on the same device, ``indices`` the B dataset indices. ``squares``: windows of
@@ -375,6 +433,12 @@ def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[
     per_def: dict[str, dict[str, Any]] = {}
     for dp in defenses:
         d = dp.defense
+        if dp.on_pixels:
+            if tables is None or dp.key not in tables:
+                raise PatchcertError(f"{dp.key} works on images: it needs the model (a score file holds no "
+                                     "masked predictions)")
+            per_def[dp.key] = _certify_table_batch(dp, tables[dp.key], labels, patches, timer)
+            continue
         timer.sync()
         t0 = time.perf_counter()
         pred = d.predict(scores)
@@ -424,6 +488,32 @@ def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[
             )
         records.append(ExampleRecord(int(indices[i]), lab[i], clean_pred[i], defs))
     return records
+
+
+def _certify_table_batch(dp: DefensePlan, table: torch.Tensor, labels: torch.Tensor,
+                         patches: Sequence[PatchPlan], timer: _Timer) -> dict[str, Any]:
+    """Double masking on one batch: prediction and, per patch threat, the certificate (every
+    shape covered by the mask set and every two-mask prediction equal to the label)."""
+    from .defenses.double_masking import covers
+
+    d = dp.defense
+    t0 = time.perf_counter()
+    pred = d.predict_table(table)
+    timer.add(f"{dp.key}|predict", time.perf_counter() - t0)
+    B = table.shape[0]
+    out: dict[str, Any] = {"pred": pred.tolist(), "patches": {}, "largest_square": [None] * B}
+    for pp in patches:
+        t0 = time.perf_counter()
+        all_pairs = d.certify_table(table, labels.to(table.device), dp.mask_set, [])
+        cov = [covers(dp.mask_set, s) for s in pp.shapes]
+        cert = (all_pairs & all(cov)).tolist()
+        timer.add(f"{dp.key}|patch|{pp.text}", time.perf_counter() - t0)
+        entry: dict[str, Any] = {"certified": cert, "worst": [None] * B, "shapes": None}
+        if len(pp.shapes) > 1:
+            names = [f"{a}x{b}" for a, b in pp.shapes]
+            entry["shapes"] = [{n: bool(c) and ok for n, ok in zip(names, cov)} for c in all_pairs.tolist()]
+        out["patches"][pp.text] = entry
+    return out
 
 
 # -- the dataset loop --------------------------------------------------------------------
@@ -594,7 +684,20 @@ def certify_dataset(
         raise PatchcertError("save_scores needs an output directory")
 
     patch_plans = plan_patches(patches, geometry, image_size)
-    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap)
+    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap,
+                                   image_size=tuple(image_size), default_shapes=default_mask_shapes(patch_plans))
+    pixel_plans = [dp for dp in defense_plans if dp.on_pixels]
+    if pixel_plans and scores is not None:
+        raise PatchcertError(f"{pixel_plans[0].key} works on images and needs the model; a score file holds only "
+                             "score maps")
+    for dp in pixel_plans:
+        from .defenses.double_masking import covers
+
+        for pp in patch_plans:
+            bad = [f"{a}x{b}" for a, b in pp.shapes if not covers(dp.mask_set, (a, b))]
+            if bad:
+                log.warning("%s: its mask set does not cover patch %s (%s); nothing is certified for it",
+                            dp.key, pp.text, ", ".join(bad))
     squares = square_windows(geometry, square_cap) if square_cap > 0 else None
 
     # ---- what the records depend on ---------------------------------------------------
@@ -737,8 +840,15 @@ def certify_dataset(
                                  {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
                 # never round the map down: a float64 model is certified on its float64 scores
                 sdef = smap.to(torch.promote_types(smap.dtype, dtype))
+                tables = {}
+                for dp in pixel_plans:  # double masking: the model on every two-mask image
+                    timer.sync()
+                    t0 = time.perf_counter()
+                    tables[dp.key] = dp.defense.table(model, x, dp.mask_set)
+                    timer.sync()
+                    timer.add(f"{dp.key}|table", time.perf_counter() - t0)
                 batch_records = certify_batch(sdef, y.to(dev), idx.tolist(), defense_plans, patch_plans,
-                                              squares, timer, square_method)
+                                              squares, timer, square_method, tables=tables)
                 timer.add("images", float(len(pos)))
                 new = batch_records[ndone - (lo - my_lo):] if lo - my_lo < ndone else batch_records
                 if run_dir is not None:
@@ -779,7 +889,9 @@ def certify_dataset(
         indices=[selection, records[-1].index] if records else [],
         batch_size=batch_size, square_cap=square_cap, shard=list(shard_t) if shard_t else None,
         defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
-                                            "largest_square": per_img(f"{dp.key}|largest_square")}
+                                            "largest_square": per_img(f"{dp.key}|largest_square"),
+                                            **({"masked_forward": per_img(f"{dp.key}|table")} if dp.on_pixels
+                                               else {})}
                                    for dp in defense_plans},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

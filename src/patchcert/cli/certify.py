@@ -19,7 +19,8 @@ from ..errors import PatchcertError
 log = logging.getLogger("patchcert.cli.certify")
 
 EPILOG = """\
-defense specs (--defense, repeatable; default: voting):
+defense specs (--defense, repeatable; default: voting, or double-masking for a model whose
+score map is one cell, e.g. --model doublemask_cifar10):
   NAME[:KEY=VALUE[,KEY=VALUE...]]   values: int, float, true/false, none, AxB (a pair),
                                     lo:hi (a numeric range), anything else is a string
   voting                            BagCert: sign votes, Condition 3.2 (exact per window)
@@ -31,6 +32,11 @@ defense specs (--defense, repeatable; default: voting):
                                     default: the smallest window covering every --patch's
                                     windows; a patch window outside it is never certified)
   clipping:clip=tanh                Clipped BagNet, tanh(0.05u-1);  clipping:clip=-1:1  clamp
+  double-masking:k=6,fill=0.5       PatchCleanser double masking on pixels, any classifier:
+                                    k masks per axis, masked pixels = fill; patch=5x5 (the
+                                    threat its mask set is built for; default: the --patch
+                                    threats); bf16=true runs the masked images in bf16
+                                    (default defense for a global-receptive-field model)
 patch specs (--patch, repeatable; default: 5x5):
   5x5 | 24x1 | 5 (square) | 2% (square covering 2% of the image) | area=24 (every rectangle
   of 24 pixels; certified = against all of them, per-rectangle results in the records)
@@ -45,6 +51,15 @@ run directory (--out RUN): records.jsonl (one JSON object per example, written p
 --json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
   "certified_accuracy"}, ...]}.
 """
+
+
+def _default_defenses(model: Any) -> list[str]:
+    """BagCert voting for a score-map model; double masking for a global classifier (its one-cell
+    map leaves the score-map defenses nothing to certify)."""
+    geom = getattr(model, "geometry", None)
+    if geom is not None and all(r is None for r in geom.rf):
+        return ["double-masking"]
+    return ["voting"]
 
 
 def register(sub) -> None:
@@ -340,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
         command = "patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         try:
             result = certify_dataset(
-                model, data, scores=sf, defenses=args.defense or ["voting"], patches=args.patch or ["5x5"],
+                model, data, scores=sf, defenses=args.defense or _default_defenses(model),
+                patches=args.patch or ["5x5"],
                 batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
                 start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
                 square_cap=args.square_cap, seed=args.seed, command=command, progress=progress)

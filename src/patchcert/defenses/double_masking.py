@@ -280,17 +280,20 @@ class DoubleMasking:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k, "fill": self.fill, "patch": self.patch, "bf16": self.bf16}
 
-    def mask_set(self, image_size: Sequence[int], default_patch: str | None = None) -> MaskSet:
-        """The mask set for ``image_size`` images (``default_patch`` when ``patch`` is None)."""
+    def mask_set(self, image_size: Sequence[int], default_shapes: Sequence[Sequence[int]] | None = None) -> MaskSet:
+        """The mask set for ``image_size`` images: built for ``patch``, or, when ``patch`` is None,
+        for ``default_shapes`` (a certify run passes the shapes it was asked for)."""
         from ..geometry import parse_patch
 
-        spec = self.patch if self.patch is not None else default_patch
-        if spec is None:
+        if self.patch is not None:
+            try:
+                shapes = parse_patch(self.patch).shapes((int(image_size[0]), int(image_size[1])))
+            except ValueError as e:
+                raise PatchcertError(f"double-masking: {e}") from None
+        elif default_shapes:
+            shapes = [(int(a), int(b)) for a, b in default_shapes]
+        else:
             raise PatchcertError("double-masking: no patch to build the mask set for (set patch=...)")
-        try:
-            shapes = parse_patch(spec).shapes((int(image_size[0]), int(image_size[1])))
-        except ValueError as e:
-            raise PatchcertError(f"double-masking: {e}") from None
         return union_mask_set(image_size, shapes, self.k)
 
     def table(self, model: nn.Module, x: torch.Tensor, ms: MaskSet, batch_size: int = 512) -> torch.Tensor:
