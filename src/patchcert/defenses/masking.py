@@ -22,6 +22,13 @@ Provable analysis (Alg. 2 with the published ``T > 0`` correction), label ``y``,
 ``margin = lb - max_{c != y} ub[c]`` must be > 0, or == 0 with ``y < c``. The image must also be
 classified as ``y`` without masking (Alg. 2's first check) and with it.
 
+Exactness with ``T > 0``: T is taken at the exact rational value of the float, and detection,
+the ``M_all`` test and the sign of the margin are decided exactly (:func:`sign_x_minus_ty`: the
+sign of ``X - T * Y`` for grid integers, with an error-free product), so the certificate and
+inference never disagree at a rounding edge (issue 8). The reported margin is the rounded value
+``lb - fl(t / (1 - T))``, with its sign replaced by the exact one where rounding crossed zero
+(then ``+-2^-1022``; exactly 0 when the exact margin is 0).
+
 Patch windows: a requested window that fits inside the mask window is certified by the analysis
 with the mask window (an attack in a smaller window is an attack in the larger one); a window
 that does not fit inside the mask window is **not certified** (``margin = -inf``), nor is
@@ -64,6 +71,58 @@ from .base import (
 __all__ = ["Masking", "FEATURES"]
 
 FEATURES = ("logits", "confidence", "prediction")
+
+
+# -- exact comparisons with the detection threshold ------------------------------------------
+#
+# Sums live on the fixed-point grid: divided by the grid step they are integers of magnitude
+# below 2^52, exact in float64. T is used as the exact rational value of the float ``T``
+# (``fractions.Fraction(T)``), and every decision involving it -- detection ``m / g > T``,
+# the choice of ``M_all`` and the bound ``t / (1 - T)`` -- is the sign of ``X - T * Y`` for
+# integers ``X, Y``, computed exactly in float64 with an error-free product (Dekker's
+# TwoProduct with Veltkamp splitting, round-to-nearest, no overflow, no underflow):
+#
+# * ``p = fl(T * Y)`` and ``e = T * Y - p`` exactly (TwoProduct);
+# * ``sign(X - p - e) == sign(fl(X - p) - e)``: when ``X - p`` is not exact then (Sterbenz)
+#   ``|X - p| > |p| / 2`` (X an integer, ``p`` a double), so ``|fl(X - p)| > 2^-53 |p| >= |e|``
+#   and rounding cannot move it across ``e``.
+# * ``T < 2^-52``: ``|T * Y| < 1``, so the sign is ``sign(X)``, or ``sign(-Y)`` when ``X == 0``.
+
+_SPLIT = 134217729.0  # 2^27 + 1 (Veltkamp)
+
+
+def _split(x):
+    """Veltkamp split ``x = hi + lo`` with at most 26 significant bits in each part (float or
+    float64 tensor, exact)."""
+    c = _SPLIT * x
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def sign_x_minus_ty(X: torch.Tensor, Y: torch.Tensor, T: float) -> torch.Tensor:
+    """Exact ``sign(X - T * Y)`` (int8, -1/0/1) for float64 integer tensors ``X``, ``Y`` of
+    magnitude below ``2^52`` and a float ``T`` in ``[0, 1)`` taken at its exact value."""
+    if T == 0.0:
+        return torch.sign(X).to(torch.int8)
+    if T < 2.0**-52:
+        return torch.where(X != 0, torch.sign(X), -torch.sign(Y)).to(torch.int8)
+    th, tl = _split(T)
+    yh, yl = _split(Y)
+    p = T * Y
+    e = th * yh - p
+    e = e + th * yl
+    e = e + tl * yh
+    e = e + tl * yl
+    d = X - p
+    return ((d > e).to(torch.int8) - (d < e).to(torch.int8))
+
+
+def _exact_margin(approx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """``approx`` (a rounded margin) with its sign replaced by the exact ``sign`` where they
+    disagree: 0 where the exact margin is 0, +-2^-1022 where rounding crossed zero."""
+    tiny = sign.to(approx.dtype) * 2.0**-1022
+    agree = torch.sign(approx).to(torch.int8) == sign
+    return torch.where(agree, approx, tiny)
 
 
 @functools.lru_cache(maxsize=256)
@@ -178,8 +237,12 @@ class Masking(Defense):
         win = (min(self.window[0], H), min(self.window[1], W))
         m = prep.window_sums(win).amax((2, 3))  # [N, K] strongest window per class
         g = prep.total
-        detect = (g > 0) & (m / g > self.threshold)
-        return torch.where(detect, g - m, g)
+        return torch.where(self._detected(m, g), g - m, g)
+
+    def _detected(self, m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Exact detection test ``g > 0 and m / g > T`` (values on the grid)."""
+        q = self.grid
+        return (g > 0) & (sign_x_minus_ty(m / q, g / q, self.threshold) > 0)
 
     def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
         return prep.extra["masked"].argmax(1)
@@ -206,22 +269,25 @@ class Masking(Defense):
 
     def _analysis(self, prep: Prepared, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
-        T = self.threshold
+        T, q = self.threshold, self.grid
         N = prep.total.shape[0]
         S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
         t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
-        ub = t / (1.0 - T)
-        best_ub, cls = competitor(ub, labels, inplace=True)
         yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
         Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
         ty = t.gather(1, yidx)[:, 0]  # total of the map with y zeroed inside P
+        best_t, cls = competitor(t, labels, inplace=True)  # ub = t / (1 - T) grows with t
         Cy = prep.sat[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
         m_non = self._nonoverlap_max(Ay, prep.size)
         m_ovl = self._overlap_max(Ay, Cy, prep.size)
         m_all = torch.maximum(m_non, m_ovl)
-        use_all = (ty > 0) & (m_all / ty > T)
-        lb = ty - torch.where(use_all, m_all, m_ovl)
-        return lb - best_ub, cls
+        lb = ty - torch.where(self._detected(m_all, ty), m_all, m_ovl)
+        if prep.total.shape[1] == 1:  # no competing class
+            return torch.full_like(lb, float("inf")), cls
+        approx = lb - best_t / (1.0 - T)
+        # exact sign of lb - t / (1 - T), i.e. of (lb - t) - T * lb
+        sign = sign_x_minus_ty((lb - best_t) / q, lb / q, T)
+        return _exact_margin(approx, sign), cls
 
     def _nonoverlap_max(self, Ay: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Max window sum over placements not overlapping each P (unchanged by zeroing P)."""
