@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from ..errors import PatchcertError
 from ._common import Prepared, box_sums
+from .base import summed_area
 from .base import (
     Defense,
     Window,
@@ -169,6 +170,73 @@ def _axis_nonoverlap_max(m: torch.Tensor, size: int, win: int, wrap: bool) -> to
     return pooled[:, idx]
 
 
+
+def sliding_max(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over every run of ``k`` consecutive entries along the last dim: ``[..., L] ->
+    [..., L - k + 1]`` (sparse-table doubling: ``ceil(log2 k)`` elementwise maxima of shifted
+    slices, exact; cost independent of ``k`` up to the logarithm)."""
+    span = 1
+    while 2 * span <= k:
+        x = torch.maximum(x[..., :-span], x[..., span:])  # x[c] = max of the run [c, c + 2 span)
+        span *= 2
+    if span == k:
+        return x
+    n = x.shape[-1] - (k - span)
+    return torch.maximum(x[..., :n], x[..., k - span :])
+
+
+def _overlap_max_ul(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """For every placement ``P = (i, j)`` of an ``h x w`` window on the plane ``f`` ``[N, R, S]``
+    (no wrap-around), ``max(0, max over Q = (i - a, j - b), 0 <= a < h, 0 <= b < w, of the sum of
+    f over Q minus P)``: the up-left quadrant of the placements overlapping P. ``[N, Hp, Wp]``.
+
+    With ``C`` the summed-area table of f, ``r = i - a``, ``c = j - b`` (Q's bottom-right corner
+    is inside P, so it cancels): ``sum(Q \\ P) = G[r, c] + C[i, c + w] + C[r + h, j] - C[i, j]``
+    with ``G[r, c] = C[r, c] - C[r, c + w] - C[r + h, c]``. For each row offset ``a`` (vectorised),
+    ``max_c (G[i - a, c] + C[i, c + w])`` is a sliding maximum of width ``w`` along the columns;
+    then add ``C[i - a + h, j]`` and take the max over ``a``. Integers below ``2^52`` on the
+    grid: every step is exact."""
+    N, R, S = f.shape
+    Hp, Wp = R - h + 1, S - w + 1
+    C = summed_area(f)  # [N, R + 1, S + 1]
+    G = C[:, :Hp, :Wp] - C[:, :Hp, w : w + Wp] - C[:, h : h + Hp, :Wp]  # [N, Hp, Wp] (r, c)
+    B = C[:, :Hp, w : w + Wp]  # C[i, c + w]                             (i, c)
+    E = C[:, h : h + Hp, :Wp]  # C[r + h, j]                             (r, j)
+    ninf = float("-inf")
+    # a-th plane of the stacks: row i holds G[i - a] / E[i - a] (-inf where i < a)
+    Gs = F.pad(G, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp, Hp]
+    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)
+    Fa = Gs.transpose(2, 3) + B[:, None]  # [N, h, Hp, Wp]: F_a[i, c]
+    Fa = F.pad(Fa, (w - 1, 0), value=ninf)  # columns c = j - w + 1 .. j, c >= 0
+    V = sliding_max(Fa, w) + Es.transpose(2, 3)  # [N, h, Hp, Wp]
+    out = V.amax(1) - C[:, :Hp, :Wp]
+    return out.clamp_(min=0.0)
+
+
+def overlap_max(f: torch.Tensor, h: int, w: int, wrap: bool) -> torch.Tensor:
+    """``max(0, max over placements Q overlapping P of sum(f over Q minus P))`` for every
+    placement ``P`` of an ``h x w`` window on ``f`` ``[N, H, W]`` (``h <= H``, ``w <= W``):
+    ``[N, Hp, Wp]``. The four quadrants of offsets are the up-left one of the flipped planes.
+    With wrap-around (needs ``2h - 1 <= H`` and ``2w - 1 <= W``, so that P and Q never meet
+    on both sides), the plane is the map extended periodically by ``h - 1`` rows and ``w - 1``
+    columns on each side, cropped back to the ``H x W`` placements. Cost per placement
+    ``O(min(h, w) log max(h, w))`` instead of the ``(2h - 1)(2w - 1)`` offsets."""
+    if h > w:  # vectorise over the shorter side
+        return overlap_max(f.transpose(1, 2), w, h, wrap).transpose(1, 2)
+    N, H, W = f.shape
+    if wrap:
+        rows = torch.arange(-(h - 1), H + 2 * (h - 1), device=f.device) % H
+        cols = torch.arange(-(w - 1), W + 2 * (w - 1), device=f.device) % W
+        f = f[:, rows][:, :, cols]
+    planes = torch.cat([f, f.flip(1), f.flip(2), f.flip(1, 2)])  # [4N, R, S]
+    q = _overlap_max_ul(planes, h, w)
+    q = q.view(4, N, *q.shape[1:])
+    out = torch.maximum(torch.maximum(q[0], q[1].flip(1)), torch.maximum(q[2].flip(2), q[3].flip(1, 2)))
+    if wrap:
+        out = out[:, h - 1 : h - 1 + H, w - 1 : w - 1 + W]
+    return out
+
+
 @register_defense("masking")
 class Masking(Defense):
     """PatchGuard's robust masking with its provable analysis (detection threshold ``T``)."""
@@ -260,6 +328,12 @@ class Masking(Defense):
     def _analysis_window(self, window: Window) -> Window:
         return self.window
 
+    def window_class(self, window: Window) -> Any:
+        """Every window inside the mask window is certified by the same analysis (the mask
+        window's); no other window is ever certified."""
+        inside = window[0] <= self.window[0] and window[1] <= self.window[1]
+        return ("mask", tuple(self.window)) if inside else ("outside",)
+
     def _window_margins(self, prep: Prepared, labels: torch.Tensor, window: Window):
         if window[0] > self.window[0] or window[1] > self.window[1] or not prep.fits(self.window):
             return None
@@ -279,7 +353,8 @@ class Masking(Defense):
         best_t, cls = competitor(t, labels, inplace=True)  # ub = t / (1 - T) grows with t
         Cy = prep.sat[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
         m_non = self._nonoverlap_max(Ay, prep.size)
-        m_ovl = self._overlap_max(Ay, Cy, prep.size)
+        fy = prep.values[torch.arange(N, device=labels.device), labels]  # [N, H, W]
+        m_ovl = self._overlap_max(Ay, Cy, fy, prep.size)
         m_all = torch.maximum(m_non, m_ovl)
         lb = ty - torch.where(self._detected(m_all, ty), m_all, m_ovl)
         if prep.total.shape[1] == 1:  # no competing class
@@ -296,13 +371,22 @@ class Masking(Defense):
         cols = _axis_nonoverlap_max(Ay.amax(1), W, mw, self.wrap)  # column-disjoint, any row
         return torch.maximum(rows[:, :, None], cols[:, None, :])
 
-    def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``.
+    def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, fy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``
+        (``fy`` the label's values ``[N, H, W]``, ``Ay`` its window sums, ``Cy`` its table):
+        :func:`overlap_max`, or the offset loop where that does not apply."""
+        (H, W), (mh, mw) = size, self.window
+        if not self.wrap or (2 * mh - 1 <= H and 2 * mw - 1 <= W):
+            return overlap_max(fy, mh, mw, self.wrap)
+        return self._overlap_max_offsets(Ay, Cy, size)
+
+    def _overlap_max_offsets(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """:meth:`_overlap_max` by a loop over the ``(2wh-1) x (2ww-1)`` overlap offsets (used
+        with wrap-around windows longer than half the map, where P and Q can meet on both sides).
 
         For a fixed offset between P and Q, the intersection is a fixed-size rectangle (up to
         2 x 2 of them with wrap-around) at a fixed offset from P, so for all P at once its sum
-        is a shifted slice of the label's box sums of that size; the loop runs over the
-        ``(2wh-1) x (2ww-1)`` offsets, each step on every image and placement."""
+        is a shifted slice of the label's box sums of that size; one step per offset."""
         (H, W), (mh, mw) = size, self.window
         rows = _axis_offsets(H, mh, self.wrap)
         cols = _axis_offsets(W, mw, self.wrap)
