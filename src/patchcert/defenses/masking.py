@@ -204,10 +204,10 @@ def _overlap_max_ul(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
     E = C[:, h : h + Hp, :Wp]  # C[r + h, j]                             (r, j)
     ninf = float("-inf")
     # a-th plane of the stacks: row i holds G[i - a] / E[i - a] (-inf where i < a)
-    Gs = F.pad(G, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp, Hp]
-    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)
-    Fa = Gs.transpose(2, 3) + B[:, None]  # [N, h, Hp, Wp]: F_a[i, c]
-    Fa = F.pad(Fa, (w - 1, 0), value=ninf)  # columns c = j - w + 1 .. j, c >= 0
+    # columns padded on the left for the sliding max over c = j - w + 1 .. j (c >= 0)
+    Gs = F.pad(G, (w - 1, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp+w-1, Hp]
+    Fa = Gs.transpose(2, 3) + F.pad(B, (w - 1, 0))[:, None]  # [N, h, Hp, Wp+w-1]: F_a[i, c]
+    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp, Hp]
     V = sliding_max(Fa, w) + Es.transpose(2, 3)  # [N, h, Hp, Wp]
     out = V.amax(1) - C[:, :Hp, :Wp]
     return out.clamp_(min=0.0)
@@ -414,5 +414,8 @@ class Masking(Defense):
         mh, mw = self.window
         if mh > H or mw > W or not any(w[0] <= mh and w[1] <= mw for w in windows):
             return base
-        boxes = mh * mw * ((2 * H) * (2 * W) if self.wrap else (H + 1) * (W + 1))
-        return max(base, boxes + 8 * H * W)
+        if self.wrap and not (2 * mh - 1 <= H and 2 * mw - 1 <= W):  # the offset loop's box sums
+            return max(base, mh * mw * (2 * H) * (2 * W) + 8 * H * W)
+        R, S = (H + 3 * (mh - 1), W + 3 * (mw - 1)) if self.wrap else (H, W)
+        # overlap_max: 4 planes x min(h, w) row offsets x placements x padded columns, ~3 alive
+        return max(base, 3 * 4 * min(mh, mw) * R * (S + max(mh, mw)))
