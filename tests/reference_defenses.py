@@ -10,6 +10,7 @@ placement in row-major order. Feature transforms are computed per cell with ``ma
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 INF = float("inf")
 GRID = 2.0**-32
@@ -266,6 +267,23 @@ def mask_features(u, features="logits", clip_max=None):
     return [[[quantize(min(max(x, 0.0), hi), g) for x in row] for row in plane] for plane in v]
 
 
+def detected(m, g, T):
+    """PatchGuard's detection test ``g > 0 and m / g > T``, in exact rational arithmetic (T at the
+    exact value of the float)."""
+    return g > 0 and Fraction(m) / Fraction(g) > Fraction(T)
+
+
+def masking_margin(lb, t, T):
+    """``lb - t / (1 - T)``: the rounded float value, with the sign of the exact rational value
+    (0 when it is exactly 0; +-2^-1022 when rounding moved it across 0)."""
+    approx = lb - t / (1 - T)
+    exact = Fraction(lb) - Fraction(t) / (1 - Fraction(T))
+    sign = (exact > 0) - (exact < 0)
+    if (approx > 0) - (approx < 0) == sign:
+        return approx
+    return sign * 2.0**-1022
+
+
 def masked_sums(v, window, T, wrap):
     """Alg. 1: per class, subtract its strongest window if g > 0 and m / g > T."""
     K, H, W = len(v), len(v[0]), len(v[0][0])
@@ -275,7 +293,7 @@ def masked_sums(v, window, T, wrap):
     for c in range(K):
         g = total_sum(v[c])
         m = max(wsum(v[c], cells(i, j, mh, mw, H, W, wrap)) for i, j in pl)
-        if g > 0 and m / g > T:
+        if detected(m, g, T):
             g -= m
         out.append(g)
     return out
@@ -303,7 +321,6 @@ def masking_cases(v, y, window, T, wrap, corrected=True):
         cp = cellsets[P]
         sp = set(cp)
         t = [g[c] - wsum(v[c], cp) for c in range(K)]
-        ub = [t[c] / (1 - T) for c in range(K)]
         z = [row[:] for row in v[y]]
         for r, c in cp:
             z[r][c] = 0.0
@@ -311,13 +328,13 @@ def masking_cases(v, y, window, T, wrap, corrected=True):
         m_all = max(sums.values())
         m_ovl = max([0.0] + [sums[Q] for Q in pl if sp.intersection(cellsets[Q])])
         tot = total_sum(z)
-        M = m_all if (tot > 0 and m_all / tot > T) else (m_ovl if corrected else 0.0)
+        M = m_all if detected(m_all, tot, T) else (m_ovl if corrected else 0.0)
         lb = t[y] - M
         if K == 1:
             cases.append((INF, -1, P[0], P[1]))
         for c in range(K):
             if c != y:
-                cases.append((lb - ub[c], c, P[0], P[1]))
+                cases.append((masking_margin(lb, t[c], T), c, P[0], P[1]))
     return cases
 
 

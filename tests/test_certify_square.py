@@ -97,3 +97,62 @@ def test_strided_geometry_dedupes_windows():
     assert largest_certified_square(Counting(), torch.zeros(0, 1, 8, 8), labels[:0], windows).tolist() == []
     with pytest.raises(ValueError, match="unknown method"):
         largest_certified_square(Counting(), torch.zeros(7, 1, 8, 8), labels, windows, "guess")
+
+
+@settings(max_examples=60)
+@given(problems(), st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), max_size=3), st.booleans())
+def test_shortcuts_never_change_the_answer(problem, known_windows, use_pred):
+    """Known certificates (the requested patches' windows, in certify_batch), the predictions and
+    the defense's window classes only skip work: the answer equals the brute force."""
+    scores, labels, geom, cap, spec = problem
+    d = build_defenses([spec], default_window=(3, 3))[0].defense
+    windows = square_windows(geom, cap)
+    ref = brute_force(d, scores, labels, geom, cap)
+    known = {w: d.certify(scores, labels, [w]) for w in known_windows}
+    pred = d.predict(scores) if use_pred else None
+    got = largest_certified_square(d, scores, labels, windows, "bisect", known=known, pred=pred)
+    assert torch.equal(got, ref)
+
+
+def test_masking_square_search_runs_its_analysis_at_most_once():
+    """Every window inside the mask window shares one analysis (window_class); with the patch's
+    certificate known, the search needs no analysis at all."""
+    from patchcert.defenses import create_defense
+
+    g = torch.Generator().manual_seed(3)
+    n, K = 40, 4
+    labels = torch.randint(0, K, (n,), generator=g)
+    s = torch.randn(n, K, 12, 12, generator=g, dtype=torch.float64)
+    s[torch.arange(n), labels] += 2 * torch.rand(n, generator=g, dtype=torch.float64)[:, None, None]
+    d = create_defense("masking", window=(6, 6))
+    geom = Geometry(rf=3, stride=1)
+    windows = square_windows(geom, 12)  # 3x3 .. 14x14
+    ref = brute_force(d, s, labels, geom, 12)
+    assert 0 < int((ref > 0).sum()) < n
+    calls = []
+    orig = d.certify
+
+    def counting(scores, labs, ws):
+        calls.append((scores.shape[0], d.window_class(ws[0])))
+        return orig(scores, labs, ws)
+
+    d.certify = counting
+    assert torch.equal(largest_certified_square(d, s, labels, windows, pred=d.predict(s)), ref)
+    inside = sum(k for k, c in calls if c[0] == "mask")
+    assert inside <= n
+    calls.clear()
+    known = {(6, 6): orig(s, labels, [(6, 6)])}
+    assert torch.equal(largest_certified_square(d, s, labels, windows, known=known), ref)
+    assert all(c[0] != "mask" for _, c in calls)
+
+
+def test_square_summary_is_informative():
+    from patchcert.certify import square_summary
+
+    line = square_summary([0.45, 0.30, 0.10, 0.0, 0.0])
+    assert "mean side 0.85" in line  # E[side] = sum of the tail fractions
+    assert "1x1 45.0%" in line and "3x3 10.0%" in line and "4x4 0.0%" in line and "largest: 3x3" in line
+    assert "5x5" not in line.split(";")[1]
+    assert "none certified" in square_summary([0.0, 0.0])
+    assert "the search cap" in square_summary([0.5, 0.25])
+    assert "0.01%" in square_summary([0.0001])

@@ -119,7 +119,7 @@ def test_table_output(tmp_path, capsys, ckpt):
     rc, out, err = cli(capsys, *base(ckpt, tmp_path / "run"))
     assert rc == 0, err
     assert "voting(sign,3.2)" in out and "certified" in out and "5x5" in out and "11x11" in out
-    assert "median largest certified square" in out and str(tmp_path / "run") in out
+    assert "largest certified square: mean side" in out and str(tmp_path / "run") in out
     assert "{" not in out.splitlines()[-1]
 
 

@@ -333,11 +333,12 @@ def test_masking_threshold_correction_is_needed():
     assert r.certified.tolist() == [False]
     # P = cols 0-1 (first of several): t[0] = 5, M_ovl = 1 (cols 1-2) -> lb = 4 < ub[1] = 2 / 0.4 = 5
     assert r.margin.tolist() == [-1.0] and (r.row.item(), r.col.item(), r.worst_class.item()) == (0, 0, 1)
-    # the attack: 8 for class 0 next to its clean evidence gets (cols 2-3) masked; class 1 gets 3,
-    # spread so that its strongest window holds exactly T of its mass (not detected)
+    # the attack: 8 for class 0 next to its clean evidence gets (cols 2-3) masked; class 1 gets 2.9,
+    # spread so that its strongest window holds just under T of its mass (2.9 / 4.9: not
+    # detected; 3 / 5 would be, exactly: 3/5 is above the float 0.6)
     x = s.clone()
     x[0, 0, 0, 1:3] = torch.tensor([0.0, 8.0])
-    x[0, 1, 0, 1:3] = torch.tensor([1.5, 1.5])
+    x[0, 1, 0, 1:3] = torch.tensor([1.45, 1.45])
     assert d.predict(x).tolist() == [1]
 
 

@@ -229,17 +229,11 @@ def _load_model_and_data(args: argparse.Namespace, device: Any):
 
 # -- output ------------------------------------------------------------------------------
 
-def _median_square(curve: list[float]) -> int:
-    best = 0
-    for s, acc in enumerate(curve, 1):
-        if acc >= 0.5:
-            best = s
-    return best
-
-
 def _print_table(summary: Any, run_dir: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from ..certify import square_summary
 
     md = summary.metadata
     title = f"certified accuracy: {md.model} on {md.data.get('name', md.data.get('dataset', '?'))}, n={summary.n}"
@@ -263,8 +257,7 @@ def _print_table(summary: Any, run_dir: Path | None) -> None:
              + f"; {md.dtype} on {md.device}"]
     for k, curve in summary.square_curves.items():
         if curve:
-            m = _median_square(curve)
-            lines.append(f"{k}: median largest certified square {m}x{m} (searched up to {len(curve)}x{len(curve)})")
+            lines.append(f"{k}: {square_summary(curve)}")
     if run_dir is not None:
         lines.append(f"run directory: {run_dir}")
     for ln in lines:

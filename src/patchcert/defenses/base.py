@@ -452,6 +452,11 @@ class Defense:
         """The window whose placements the analysis of ``window`` runs over."""
         return window
 
+    def window_class(self, window: Window) -> Any:
+        """A key such that windows with equal keys are certified for exactly the same images on
+        every map (searches over window sizes certify one window per key). Default: the window."""
+        return tuple(window)
+
     def _elements_per_image(self, shape: Sequence[int], windows: list[Window]) -> int:
         """Rough size of the largest intermediate per image (float64 elements)."""
         N, K, H, W = shape

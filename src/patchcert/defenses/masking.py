@@ -22,6 +22,13 @@ Provable analysis (Alg. 2 with the published ``T > 0`` correction), label ``y``,
 ``margin = lb - max_{c != y} ub[c]`` must be > 0, or == 0 with ``y < c``. The image must also be
 classified as ``y`` without masking (Alg. 2's first check) and with it.
 
+Exactness with ``T > 0``: T is taken at the exact rational value of the float, and detection,
+the ``M_all`` test and the sign of the margin are decided exactly (:func:`sign_x_minus_ty`: the
+sign of ``X - T * Y`` for grid integers, with an error-free product), so the certificate and
+inference never disagree at a rounding edge (issue 8). The reported margin is the rounded value
+``lb - fl(t / (1 - T))``, with its sign replaced by the exact one where rounding crossed zero
+(then ``+-2^-1022``; exactly 0 when the exact margin is 0).
+
 Patch windows: a requested window that fits inside the mask window is certified by the analysis
 with the mask window (an attack in a smaller window is an attack in the larger one); a window
 that does not fit inside the mask window is **not certified** (``margin = -inf``), nor is
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 
 from ..errors import PatchcertError
 from ._common import Prepared, box_sums
+from .base import summed_area
 from .base import (
     Defense,
     Window,
@@ -64,6 +72,58 @@ from .base import (
 __all__ = ["Masking", "FEATURES"]
 
 FEATURES = ("logits", "confidence", "prediction")
+
+
+# -- exact comparisons with the detection threshold ------------------------------------------
+#
+# Sums live on the fixed-point grid: divided by the grid step they are integers of magnitude
+# below 2^52, exact in float64. T is used as the exact rational value of the float ``T``
+# (``fractions.Fraction(T)``), and every decision involving it -- detection ``m / g > T``,
+# the choice of ``M_all`` and the bound ``t / (1 - T)`` -- is the sign of ``X - T * Y`` for
+# integers ``X, Y``, computed exactly in float64 with an error-free product (Dekker's
+# TwoProduct with Veltkamp splitting, round-to-nearest, no overflow, no underflow):
+#
+# * ``p = fl(T * Y)`` and ``e = T * Y - p`` exactly (TwoProduct);
+# * ``sign(X - p - e) == sign(fl(X - p) - e)``: when ``X - p`` is not exact then (Sterbenz)
+#   ``|X - p| > |p| / 2`` (X an integer, ``p`` a double), so ``|fl(X - p)| > 2^-53 |p| >= |e|``
+#   and rounding cannot move it across ``e``.
+# * ``T < 2^-52``: ``|T * Y| < 1``, so the sign is ``sign(X)``, or ``sign(-Y)`` when ``X == 0``.
+
+_SPLIT = 134217729.0  # 2^27 + 1 (Veltkamp)
+
+
+def _split(x):
+    """Veltkamp split ``x = hi + lo`` with at most 26 significant bits in each part (float or
+    float64 tensor, exact)."""
+    c = _SPLIT * x
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def sign_x_minus_ty(X: torch.Tensor, Y: torch.Tensor, T: float) -> torch.Tensor:
+    """Exact ``sign(X - T * Y)`` (int8, -1/0/1) for float64 integer tensors ``X``, ``Y`` of
+    magnitude below ``2^52`` and a float ``T`` in ``[0, 1)`` taken at its exact value."""
+    if T == 0.0:
+        return torch.sign(X).to(torch.int8)
+    if T < 2.0**-52:
+        return torch.where(X != 0, torch.sign(X), -torch.sign(Y)).to(torch.int8)
+    th, tl = _split(T)
+    yh, yl = _split(Y)
+    p = T * Y
+    e = th * yh - p
+    e = e + th * yl
+    e = e + tl * yh
+    e = e + tl * yl
+    d = X - p
+    return ((d > e).to(torch.int8) - (d < e).to(torch.int8))
+
+
+def _exact_margin(approx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """``approx`` (a rounded margin) with its sign replaced by the exact ``sign`` where they
+    disagree: 0 where the exact margin is 0, +-2^-1022 where rounding crossed zero."""
+    tiny = sign.to(approx.dtype) * 2.0**-1022
+    agree = torch.sign(approx).to(torch.int8) == sign
+    return torch.where(agree, approx, tiny)
 
 
 @functools.lru_cache(maxsize=256)
@@ -108,6 +168,73 @@ def _axis_nonoverlap_max(m: torch.Tensor, size: int, win: int, wrap: bool) -> to
     pooled = torch.cat([m, m], 1).unfold(1, L, 1).amax(-1)  # pooled[s] = max m[s : s + L] (cyclic)
     idx = (torch.arange(P, device=m.device) + win) % size
     return pooled[:, idx]
+
+
+
+def sliding_max(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over every run of ``k`` consecutive entries along the last dim: ``[..., L] ->
+    [..., L - k + 1]`` (sparse-table doubling: ``ceil(log2 k)`` elementwise maxima of shifted
+    slices, exact; cost independent of ``k`` up to the logarithm)."""
+    span = 1
+    while 2 * span <= k:
+        x = torch.maximum(x[..., :-span], x[..., span:])  # x[c] = max of the run [c, c + 2 span)
+        span *= 2
+    if span == k:
+        return x
+    n = x.shape[-1] - (k - span)
+    return torch.maximum(x[..., :n], x[..., k - span :])
+
+
+def _overlap_max_ul(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """For every placement ``P = (i, j)`` of an ``h x w`` window on the plane ``f`` ``[N, R, S]``
+    (no wrap-around), ``max(0, max over Q = (i - a, j - b), 0 <= a < h, 0 <= b < w, of the sum of
+    f over Q minus P)``: the up-left quadrant of the placements overlapping P. ``[N, Hp, Wp]``.
+
+    With ``C`` the summed-area table of f, ``r = i - a``, ``c = j - b`` (Q's bottom-right corner
+    is inside P, so it cancels): ``sum(Q \\ P) = G[r, c] + C[i, c + w] + C[r + h, j] - C[i, j]``
+    with ``G[r, c] = C[r, c] - C[r, c + w] - C[r + h, c]``. For each row offset ``a`` (vectorised),
+    ``max_c (G[i - a, c] + C[i, c + w])`` is a sliding maximum of width ``w`` along the columns;
+    then add ``C[i - a + h, j]`` and take the max over ``a``. Integers below ``2^52`` on the
+    grid: every step is exact."""
+    N, R, S = f.shape
+    Hp, Wp = R - h + 1, S - w + 1
+    C = summed_area(f)  # [N, R + 1, S + 1]
+    G = C[:, :Hp, :Wp] - C[:, :Hp, w : w + Wp] - C[:, h : h + Hp, :Wp]  # [N, Hp, Wp] (r, c)
+    B = C[:, :Hp, w : w + Wp]  # C[i, c + w]                             (i, c)
+    E = C[:, h : h + Hp, :Wp]  # C[r + h, j]                             (r, j)
+    ninf = float("-inf")
+    # a-th plane of the stacks: row i holds G[i - a] / E[i - a] (-inf where i < a)
+    # columns padded on the left for the sliding max over c = j - w + 1 .. j (c >= 0)
+    Gs = F.pad(G, (w - 1, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp+w-1, Hp]
+    Fa = Gs.transpose(2, 3) + F.pad(B, (w - 1, 0))[:, None]  # [N, h, Hp, Wp+w-1]: F_a[i, c]
+    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp, Hp]
+    V = sliding_max(Fa, w) + Es.transpose(2, 3)  # [N, h, Hp, Wp]
+    out = V.amax(1) - C[:, :Hp, :Wp]
+    return out.clamp_(min=0.0)
+
+
+def overlap_max(f: torch.Tensor, h: int, w: int, wrap: bool) -> torch.Tensor:
+    """``max(0, max over placements Q overlapping P of sum(f over Q minus P))`` for every
+    placement ``P`` of an ``h x w`` window on ``f`` ``[N, H, W]`` (``h <= H``, ``w <= W``):
+    ``[N, Hp, Wp]``. The four quadrants of offsets are the up-left one of the flipped planes.
+    With wrap-around (needs ``2h - 1 <= H`` and ``2w - 1 <= W``, so that P and Q never meet
+    on both sides), the plane is the map extended periodically by ``h - 1`` rows and ``w - 1``
+    columns on each side, cropped back to the ``H x W`` placements. Cost per placement
+    ``O(min(h, w) log max(h, w))`` instead of the ``(2h - 1)(2w - 1)`` offsets."""
+    if h > w:  # vectorise over the shorter side
+        return overlap_max(f.transpose(1, 2), w, h, wrap).transpose(1, 2)
+    N, H, W = f.shape
+    if wrap:
+        rows = torch.arange(-(h - 1), H + 2 * (h - 1), device=f.device) % H
+        cols = torch.arange(-(w - 1), W + 2 * (w - 1), device=f.device) % W
+        f = f[:, rows][:, :, cols]
+    planes = torch.cat([f, f.flip(1), f.flip(2), f.flip(1, 2)])  # [4N, R, S]
+    q = _overlap_max_ul(planes, h, w)
+    q = q.view(4, N, *q.shape[1:])
+    out = torch.maximum(torch.maximum(q[0], q[1].flip(1)), torch.maximum(q[2].flip(2), q[3].flip(1, 2)))
+    if wrap:
+        out = out[:, h - 1 : h - 1 + H, w - 1 : w - 1 + W]
+    return out
 
 
 @register_defense("masking")
@@ -178,8 +305,12 @@ class Masking(Defense):
         win = (min(self.window[0], H), min(self.window[1], W))
         m = prep.window_sums(win).amax((2, 3))  # [N, K] strongest window per class
         g = prep.total
-        detect = (g > 0) & (m / g > self.threshold)
-        return torch.where(detect, g - m, g)
+        return torch.where(self._detected(m, g), g - m, g)
+
+    def _detected(self, m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Exact detection test ``g > 0 and m / g > T`` (values on the grid)."""
+        q = self.grid
+        return (g > 0) & (sign_x_minus_ty(m / q, g / q, self.threshold) > 0)
 
     def _predict_prepared(self, prep: Prepared) -> torch.Tensor:
         return prep.extra["masked"].argmax(1)
@@ -197,6 +328,12 @@ class Masking(Defense):
     def _analysis_window(self, window: Window) -> Window:
         return self.window
 
+    def window_class(self, window: Window) -> Any:
+        """Every window inside the mask window is certified by the same analysis (the mask
+        window's); no other window is ever certified."""
+        inside = window[0] <= self.window[0] and window[1] <= self.window[1]
+        return ("mask", tuple(self.window)) if inside else ("outside",)
+
     def _window_margins(self, prep: Prepared, labels: torch.Tensor, window: Window):
         if window[0] > self.window[0] or window[1] > self.window[1] or not prep.fits(self.window):
             return None
@@ -206,22 +343,26 @@ class Masking(Defense):
 
     def _analysis(self, prep: Prepared, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
-        T = self.threshold
+        T, q = self.threshold, self.grid
         N = prep.total.shape[0]
         S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
         t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
-        ub = t / (1.0 - T)
-        best_ub, cls = competitor(ub, labels, inplace=True)
         yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
         Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
         ty = t.gather(1, yidx)[:, 0]  # total of the map with y zeroed inside P
+        best_t, cls = competitor(t, labels, inplace=True)  # ub = t / (1 - T) grows with t
         Cy = prep.sat[torch.arange(N, device=labels.device), labels]  # [N, He+1, We+1]
         m_non = self._nonoverlap_max(Ay, prep.size)
-        m_ovl = self._overlap_max(Ay, Cy, prep.size)
+        fy = prep.values[torch.arange(N, device=labels.device), labels]  # [N, H, W]
+        m_ovl = self._overlap_max(Ay, Cy, fy, prep.size)
         m_all = torch.maximum(m_non, m_ovl)
-        use_all = (ty > 0) & (m_all / ty > T)
-        lb = ty - torch.where(use_all, m_all, m_ovl)
-        return lb - best_ub, cls
+        lb = ty - torch.where(self._detected(m_all, ty), m_all, m_ovl)
+        if prep.total.shape[1] == 1:  # no competing class
+            return torch.full_like(lb, float("inf")), cls
+        approx = lb - best_t / (1.0 - T)
+        # exact sign of lb - t / (1 - T), i.e. of (lb - t) - T * lb
+        sign = sign_x_minus_ty((lb - best_t) / q, lb / q, T)
+        return _exact_margin(approx, sign), cls
 
     def _nonoverlap_max(self, Ay: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Max window sum over placements not overlapping each P (unchanged by zeroing P)."""
@@ -230,13 +371,22 @@ class Masking(Defense):
         cols = _axis_nonoverlap_max(Ay.amax(1), W, mw, self.wrap)  # column-disjoint, any row
         return torch.maximum(rows[:, :, None], cols[:, None, :])
 
-    def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``.
+    def _overlap_max(self, Ay: torch.Tensor, Cy: torch.Tensor, fy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``max(0, max over Q overlapping P of (sum_Q - sum_{Q ∩ P}))`` for every P: ``[N, Hp, Wp]``
+        (``fy`` the label's values ``[N, H, W]``, ``Ay`` its window sums, ``Cy`` its table):
+        :func:`overlap_max`, or the offset loop where that does not apply."""
+        (H, W), (mh, mw) = size, self.window
+        if not self.wrap or (2 * mh - 1 <= H and 2 * mw - 1 <= W):
+            return overlap_max(fy, mh, mw, self.wrap)
+        return self._overlap_max_offsets(Ay, Cy, size)
+
+    def _overlap_max_offsets(self, Ay: torch.Tensor, Cy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """:meth:`_overlap_max` by a loop over the ``(2wh-1) x (2ww-1)`` overlap offsets (used
+        with wrap-around windows longer than half the map, where P and Q can meet on both sides).
 
         For a fixed offset between P and Q, the intersection is a fixed-size rectangle (up to
         2 x 2 of them with wrap-around) at a fixed offset from P, so for all P at once its sum
-        is a shifted slice of the label's box sums of that size; the loop runs over the
-        ``(2wh-1) x (2ww-1)`` offsets, each step on every image and placement."""
+        is a shifted slice of the label's box sums of that size; one step per offset."""
         (H, W), (mh, mw) = size, self.window
         rows = _axis_offsets(H, mh, self.wrap)
         cols = _axis_offsets(W, mw, self.wrap)
@@ -264,5 +414,8 @@ class Masking(Defense):
         mh, mw = self.window
         if mh > H or mw > W or not any(w[0] <= mh and w[1] <= mw for w in windows):
             return base
-        boxes = mh * mw * ((2 * H) * (2 * W) if self.wrap else (H + 1) * (W + 1))
-        return max(base, boxes + 8 * H * W)
+        if self.wrap and not (2 * mh - 1 <= H and 2 * mw - 1 <= W):  # the offset loop's box sums
+            return max(base, mh * mw * (2 * H) * (2 * W) + 8 * H * W)
+        R, S = (H + 3 * (mh - 1), W + 3 * (mw - 1)) if self.wrap else (H, W)
+        # overlap_max: 4 planes x min(h, w) row offsets x placements x padded columns, ~3 alive
+        return max(base, 3 * 4 * min(mh, mw) * R * (S + max(mh, mw)))
