@@ -113,6 +113,7 @@ GEOMETRY_CASES = (
        ("ds_column", {"b": 4, "stride": 2, "base": "resnet_small", "base_cfg": {"width": 2}}, (8, 12)),
        ("ds_block", {"b": 3, "base": "resnet_small", "base_cfg": {"width": 2}}, (8, 9)),
        ("ds_block", {"b": 4, "stride": 2, "base": "resnet_small", "base_cfg": {"width": 2}}, (8, 10))]
+    + [("fastnet_cifar", {"widths": [4, 4, 4], "stem": 4}, (16, 16))]
 )
 
 
@@ -527,6 +528,7 @@ def test_ds_base_trains_on_random_ablations():
     ("ds_column", {"b": 3, "base": "resnet_small", "base_cfg": {"width": 2, "blocks": 2}}, (8, 8)),
     ("bagnet33", {"width": 1}, (40, 40)),
     ("resnet_small", {"width": 2, "in_chans": 6}, (8, 8)),
+    ("fastnet_cifar", {"widths": [4, 8, 8], "stem": 4}, (32, 32)),
 ])
 def test_checkpoint_round_trip(tmp_path, name, cfg, size):
     torch.manual_seed(0)
