@@ -635,7 +635,7 @@ def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.P
         log.warning("reloaded images are %s, the run's %s; vulnerability maps without the image",
                     ds.image_size, meta.image_size)
         return {}, None
-    return {i: ds.images[i] for i in indices if 0 <= i < len(ds)}, list(ds.classes)
+    return {i: ds[i][0] for i in indices if 0 <= i < len(ds)}, list(ds.classes)
 
 
 def plot_vulnerability(
