@@ -182,12 +182,18 @@ def default_workers(source: ImageSource | TrainView) -> int:
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_workers: int,
                 pin_memory: bool = False, persistent: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``batch_sampler`` with the collate of this module (``(x, y, idx)``)."""
-    kw = {}
+    """A DataLoader over ``batch_sampler`` with the collate of this module (``(x, y, idx)``).
+
+    It has its own generator for the workers' base seed, so iterating it never advances the
+    global torch RNG (which a resumed run restores: shake-shake, initialisation); the data's
+    randomness comes from explicit per-example generators anyway.
+    """
+    kw: dict = {}
     if num_workers > 0:
         kw = {"persistent_workers": persistent, "prefetch_factor": 2}
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=_collate, pin_memory=pin_memory, **kw)
+                                       collate_fn=_collate, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0), **kw)
 
 
 def load_batches(source: ImageSource, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int | None = None,
