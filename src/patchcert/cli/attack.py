@@ -246,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         raise PatchcertError(f"--batch-size must be positive, got {args.batch_size}")
     if args.start < 0:
         raise PatchcertError(f"--start must be non-negative, got {args.start}")
+    if args.workers is not None and args.workers < 0:
+        raise PatchcertError(f"--workers must be >= 0, got {args.workers}")
     if args.save_png < 0:
         raise PatchcertError(f"--save-png must be non-negative, got {args.save_png}")
     if args.resume and not args.out:
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     records = list(done)
     pos0 = args.start + len(done)
     batches = [range(lo, min(lo + args.batch_size, args.start + n)) for lo in range(pos0, args.start + n, args.batch_size)]
-    images = load_batches(data, batches, pin_memory=device.type == "cuda")
+    images = load_batches(data, batches, args.workers, pin_memory=device.type == "cuda")
     try:
         for xb, yb, idx in images:
             x = to_float(xb.to(device))
