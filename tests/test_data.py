@@ -359,3 +359,34 @@ def test_iterate_batches():
     got = torch.cat(list(iterate_batches(50, 7, shuffle=True, generator=torch.Generator().manual_seed(0))))
     assert sorted(got.tolist()) == list(range(50))
     assert torch.equal(got, torch.randperm(50, generator=torch.Generator().manual_seed(0)))
+
+
+def test_select_and_spread_are_views_in_any_order(tmp_path):
+    root = _folder(tmp_path)
+    lazy = load_dataset(f"imagefolder:{root}", size=32, resize=40)
+    eager = load_image_folder(root, size=32, resize=40)
+    for ds in (lazy, eager):
+        sel = ds.select([2, 0])
+        assert len(sel) == 2 and sel.labels.tolist() == [1, 0] and torch.equal(sel.batch([0, 1])[0], eager.images[[2, 0]])
+        assert ds.spread(2).labels.tolist() == [0, 0]  # indices (j * 3) // 2 = 0, 1
+        assert ds.spread(10).labels.tolist() == [0, 0, 1] and len(ds.spread(0)) == 0
+    assert lazy.spread(2).files == [lazy.files[0], lazy.files[1]]
+
+
+def test_imagenet_layout_train_and_val_splits(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("n01", "n02"):
+            d = tmp_path / "imagenet" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 30), (10 * i, 50, 90)).save(d / f"{i}.jpg")
+    tr = load_dataset("imagenet", tmp_path, train=True, train_view=True, size=24, resize=28)
+    va = load_dataset("imagenet", tmp_path, size=24, resize=28)
+    assert len(tr) == 6 and len(va) == 4 and tr.classes == va.classes == ("n01", "n02")
+    assert tr.info["dataset"] == va.info["dataset"] == "imagenet" and tr.info["crop"] == 24 and tr.image_size == (28, 28)
+    assert va.name == "imagenet-val" and va.info["split"] == "val" and va[3][0].shape == (3, 24, 24)
+    assert va.subset(2).labels.tolist() == [0, 0] and va.spread(2).labels.tolist() == [0, 1]  # every class
+    with pytest.raises(DataError, match="no ImageNet val folder"):
+        load_dataset("imagenet", tmp_path / "imagenet" / "train")

@@ -89,7 +89,18 @@ class ImageSource(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def subset(self, n: int | None = None, start: int = 0) -> "ImageSource":  # pragma: no cover - abstract
+        """Examples ``start .. start+n-1`` (a view; nothing is decoded)."""
         raise NotImplementedError
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageSource":  # pragma: no cover - abstract
+        """Examples ``indices`` in that order (a view; nothing is decoded)."""
+        raise NotImplementedError
+
+    def spread(self, n: int) -> "ImageSource":
+        """``min(n, len)`` examples evenly spaced over the dataset (``(j * N) // n``): a class-sorted
+        image folder's evaluation subset covers every class, not only the first ones."""
+        k = min(int(n), len(self))
+        return self.select(torch.arange(k) * len(self) // max(k, 1))
 
     def batch(self, idx: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``idx`` as uint8 ``[B, C, H, W]`` and their labels int64 ``[B]``."""
@@ -138,6 +149,10 @@ class ImageDataset(ImageSource):
     def subset(self, n: int | None = None, start: int = 0) -> "ImageDataset":
         stop = len(self) if n is None else min(len(self), start + n)
         return ImageDataset(self.images[start:stop], self.labels[start:stop], self.classes, self.name, dict(self.info))
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageDataset":
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.name, dict(self.info))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -341,11 +356,15 @@ class ImageFolderDataset(ImageSource):
 
     def subset(self, n: int | None = None, start: int = 0) -> "ImageFolderDataset":
         stop = len(self) if n is None else min(len(self), start + n)
+        return self.select(torch.arange(start, max(start, stop)))
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageFolderDataset":
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         sub = object.__new__(ImageFolderDataset)
         sub.__dict__.update(self.__dict__)
         sub.info = dict(self.info)
-        sub.files = self.files[start:stop]
-        sub.labels = self.labels[start:stop]
+        sub.files = [self.files[int(i)] for i in idx]
+        sub.labels = self.labels[idx]
         return sub
 
     def load(self) -> ImageDataset:
@@ -429,8 +448,19 @@ def _imagenette_root(base: Path, split: str) -> Path | None:
     return next((c for c in cands if is_folder(c) and (c.name == split or split == "val")), None)
 
 
+def _imagenet_root(base: Path, split: str) -> Path:
+    for cand in (base / "imagenet" / split, base / split):
+        if cand.is_dir() and any(d.is_dir() for d in cand.iterdir()):
+            return cand
+    raise DataError(f"no ImageNet {split} folder under {str(base)!r} (expected imagenet/{split}/<class>/<image> "
+                    f"or {split}/<class>/<image>)")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bool = False, **kw) -> ImageSource:
-    """``cifar10`` | ``imagenette`` (the ImageFolder under the data dir) | ``imagefolder:PATH`` | ``synthetic``.
+    """``cifar10`` | ``imagenette`` (the ImageFolder under the data dir) | ``imagenet`` | ``imagefolder:PATH`` | ``synthetic``.
+
+    ``imagenet``: ImageFolder splits ``train`` / ``val`` under ``DATA/imagenet/`` or ``DATA/``
+    (one sub-folder per class, e.g. the synset ids ``n01440764 ..``).
 
     CIFAR-10 and synthetic data come back in memory (:class:`ImageDataset`); image folders as an
     :class:`ImageFolderDataset` that decodes on access (``in_memory=True``: decoded eagerly).
@@ -468,12 +498,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
                     log.warning("no ImageNette train split under %s: training on the val images in %s", base, root)
             ds = ImageFolderDataset(root, train_view=train_view, **kw)
             return ds.load() if in_memory else ds
+        if name == "imagenet":
+            split = "train" if train else "val"
+            ds = ImageFolderDataset(_imagenet_root(resolve_data_dir(data_dir), split), train_view=train_view, **kw)
+            ds.name, ds.info["dataset"], ds.info["split"] = f"imagenet-{split}", "imagenet", split
+            ds.info["view"] = "train" if train_view else "eval"
+            return ds.load() if in_memory else ds
         if name.startswith("imagefolder:"):
             ds = ImageFolderDataset(name.split(":", 1)[1], train_view=train_view, **kw)
             return ds.load() if in_memory else ds
     except TypeError as e:
         raise DataError(f"dataset {name!r}: bad option ({e})") from None
-    raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagefolder:PATH or synthetic")
+    raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagenet, imagefolder:PATH or synthetic")
 
 
 # -- tensors -----------------------------------------------------------------------------

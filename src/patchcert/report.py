@@ -618,6 +618,9 @@ def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.P
             if data.get("pattern"):
                 opts["pattern"] = str(data["pattern"])
             ds = load_dataset("synthetic", **opts)  # the recorded seed already names the split's draw
+        elif kind == "imagenet":
+            kw = {k: int(data[k]) for k in ("size", "resize") if data.get(k)}
+            ds = load_dataset("imagenet", data_dir, train=split == "train", **kw)
         elif kind in ("imagefolder", "imagenette"):
             kw = {k: int(data[k]) for k in ("size", "resize") if data.get(k)}
             name = str(data.get("name") or "")

@@ -126,7 +126,7 @@ def _checkpoint_dataset(model: Any) -> str | None:
     if not isinstance(data, dict):
         return None
     ds = data.get("dataset")
-    if ds in ("cifar10", "imagenette", "synthetic"):
+    if ds in ("cifar10", "imagenette", "imagenet", "synthetic"):
         return ds
     if ds == "imagefolder" and data.get("root"):
         return f"imagefolder:{data['root']}"
@@ -168,7 +168,7 @@ def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, inp
         kw.update({k: v for k, v in ckpt_cfg.items() if k in ("seed", "pattern")})
         if num_classes is None and "num_classes" in ckpt_cfg:
             kw["num_classes"] = ckpt_cfg["num_classes"]
-    elif name == "imagenette" or name.startswith("imagefolder:"):
+    elif name in ("imagenette", "imagenet") or name.startswith("imagefolder:"):
         if name.startswith("imagefolder:") and args.split == "train":
             log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
         if input_size and input_size[0] == input_size[1]:

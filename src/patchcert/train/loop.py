@@ -505,7 +505,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
         eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
         if cfg.max_train_examples:
             train_set = train_set.subset(cfg.max_train_examples)
-        eval_set = eval_set.subset(cfg.eval_examples)
+        # in-memory splits (CIFAR, synthetic) are shuffled: their first examples; image folders are
+        # sorted by class: examples spread over the folder so that every class is evaluated
+        eval_set = eval_set.subset(cfg.eval_examples) if eval_set.in_memory else eval_set.spread(cfg.eval_examples)
         stream = cfg.loader == "stream" or (cfg.loader == "auto" and not train_set.in_memory)
         if not stream and not isinstance(train_set, ImageDataset):
             train_set = train_set.load()  # type: ignore[attr-defined]  # loader = "memory": decode everything now
