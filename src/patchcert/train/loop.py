@@ -84,7 +84,7 @@ from .objectives import OBJECTIVES, Objective, create_objective
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "train", "lr_at", "evaluate", "default_eval_defense", "OBJECTIVES", "convert_sync_batchnorm",
-           "sync_batchnorm", "autocast", "LOADERS"]
+           "sync_batchnorm", "autocast", "init_weights", "LOADERS"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOADERS = ("auto", "memory", "stream")
@@ -129,6 +129,7 @@ class TrainConfig:
     tf32: bool = False  # allow TF32 matmuls/convolutions while training (CUDA; evaluation stays TF32-off)
     cudnn_benchmark: bool = False  # cuDNN autotuning while training (CUDA; may change float rounding)
     compile: bool = False  # torch.compile the trained module (may change float rounding)
+    init_from: str | None = None  # start from a checkpoint's weights (e.g. `patchcert convert` of a published BagNet)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -432,7 +433,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 
 _NOT_COMPARED = ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size", "data_workers", "compile",
-                 "cudnn_benchmark")
+                 "cudnn_benchmark", "init_from")  # init_from: a resumed run restores its own weights
 
 
 def _comparable(cfg: dict) -> dict:
@@ -452,6 +453,27 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if missing or "rng.data" not in tensors or "rng.torch" not in tensors:
         raise CheckpointError(f"{path}: not a training state (missing {', '.join(missing) or 'rng state'})")
     return tensors, meta
+
+
+def init_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Copy every tensor of the checkpoint at ``path`` whose name and shape match ``model``'s state
+    into it (fine-tuning: e.g. an ImageNet BagNet's trunk for a 10-class task, whose differently
+    shaped head keeps its fresh initialisation). Returns (loaded, kept) state names; an
+    architecture that shares no tensor with the checkpoint is a one-line error."""
+    tensors, _ = load_tensors(path)
+    tensors = {k[6:] if k.startswith("model.") else k: v for k, v in tensors.items()}  # a training state works too
+    own = model.state_dict()
+    loaded = [k for k, v in own.items() if k in tensors and tuple(tensors[k].shape) == tuple(v.shape)]
+    kept = [k for k in own if k not in loaded]
+    if not loaded:
+        raise PatchcertError(f"init_from {str(path)!r}: no tensor matches the model ({len(tensors)} tensors, e.g. "
+                             f"{next(iter(tensors), '-')!r}); is it the same architecture?")
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(tensors[k].to(own[k].dtype))
+    log.info("init_from %s: %d tensors loaded, %d kept fresh (%s)", path, len(loaded), len(kept),
+             ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else ""))
+    return loaded, kept
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -518,6 +540,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
 
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=train_set.num_classes, **cfg.model_cfg).to(device)
+        if cfg.init_from and saved is None:
+            init_weights(model, cfg.init_from)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         crop = train_set.info.get("crop")
