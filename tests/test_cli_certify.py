@@ -221,6 +221,21 @@ def test_cifar10_from_the_shared_data(tmp_path, capsys, shared_data):
     assert summary.metadata.classes[0] == "airplane" and summary.results[0].resolved == "5x5"
 
 
+def test_image_folder_is_streamed_through_workers_with_the_same_records(tmp_path, capsys, ckpt):
+    """An image folder is decoded batch by batch (here by 2 worker processes): same records as without workers."""
+    root = _imagefolder(tmp_path / "imgs", classes=4, per_class=3)
+    runs = []
+    for w in (0, 2):
+        rc, out, err = cli(capsys, "--model", ckpt, "--dataset", f"imagefolder:{root}", "--dataset-cfg",
+                           '{"size": 32, "resize": 32}', "-n", 11, "--start", 1, "--batch-size", 4, "--workers", w,
+                           "--out", tmp_path / f"w{w}", "--no-progress", "--square-cap", 4)
+        assert rc == 0, err
+        summary, records = load_run(tmp_path / f"w{w}")
+        runs.append([r.to_json() for r in records])
+        assert [r.index for r in records] == list(range(1, 12)) and summary.metadata.data["dataset"] == "imagefolder"
+    assert runs[0] == runs[1]
+
+
 # -- bad input: one line, exit 2, nothing that looks finished ---------------------------------
 
 def _imagefolder(root: Path, classes: int, per_class: int = 2, size: int = 32) -> Path:
@@ -244,6 +259,7 @@ def _imagefolder(root: Path, classes: int, per_class: int = 2, size: int = 32) -
     ("missing_data", "does not exist"),
     ("negative_count", "--num-examples must be positive"),
     ("zero_batch", "--batch-size must be positive"),
+    ("negative_workers", "--workers must be >= 0"),
     ("bad_shard", "shard"),
     ("class_mismatch", "the model has 4 classes but imagefolder:imgs has 3"),
     ("missing_scores", "score file"),
@@ -266,6 +282,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, ckpt, case, match):
         "missing_data": ["--model", ckpt, "--dataset", "cifar10", "--data-dir", tmp_path / "no_data", "--out", out],
         "negative_count": ["--model", ckpt, "-n", "-5", "--out", out],
         "zero_batch": ["--model", ckpt, "--batch-size", 0, "--out", out],
+        "negative_workers": ["--model", ckpt, "--workers", -1, "--out", out],
         "bad_shard": base(ckpt, out, "--shard", "2/2"),
         "class_mismatch": ["--model", ckpt, "--dataset", f"imagefolder:{tmp_path / 'imgs'}", "--out", out],
         "missing_scores": ["--scores", tmp_path / "none.safetensors", "--out", out],

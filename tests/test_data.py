@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from patchcert.data import (
     ImageDataset,
+    ImageFolderDataset,
     augment_crop_flip,
     center_crop,
     iterate_batches,
@@ -184,14 +185,16 @@ def test_cifar10_from_shared_data(shared_data):
 @pytest.mark.data
 def test_imagenette_from_shared_data(shared_data):
     ds = load_dataset("imagenette", shared_data, limit=4)
-    assert ds.images.shape == (4, 3, 224, 224) and ds.images.dtype == torch.uint8
-    assert ds.num_classes == 10 and ds.classes[0] == "n01440764" and ds.labels.tolist() == [0, 0, 0, 0]
+    assert isinstance(ds, ImageFolderDataset) and not ds.in_memory  # decoded on access
+    x, y = ds.batch([0, 1, 2, 3])
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.uint8
+    assert ds.num_classes == 10 and ds.classes[0] == "n01440764" and ds.labels.tolist() == [0, 0, 0, 0] == y.tolist()
     tr = load_dataset("imagenette", shared_data, train=True, limit=2)  # only val exists here: val images
-    assert torch.equal(tr.images, ds.images[:2]) and "crop" not in tr.info
-    tr = load_dataset("imagenette", shared_data, train=True, train_view=True, limit=2)
+    assert torch.equal(tr.batch([0, 1])[0], x[:2]) and "crop" not in tr.info
+    tr = load_dataset("imagenette", shared_data, train=True, train_view=True, limit=2, in_memory=True)
     assert tr.images.shape == (2, 3, 256, 256) and tr.info["crop"] == 224
     # the centre crop of the training view is the evaluation image
-    assert torch.equal(center_crop(tr.images, 224), ds.images[:2])
+    assert torch.equal(center_crop(tr.images, 224), x[:2])
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------
@@ -226,9 +229,20 @@ def test_image_folder_resize_and_crop(tmp_path):
     tr = load_image_folder(root, size=32, resize=40, train=True)
     assert tr.images.shape == (3, 3, 40, 40) and tr.info["crop"] == 32
     assert torch.equal(center_crop(tr.images, 32), ds.images)
-    assert load_dataset(f"imagefolder:{root}", limit=1, size=32, resize=40).images.shape == (1, 3, 32, 32)
-    assert load_dataset(f"imagefolder:{root}", train=True, limit=1, size=32, resize=40).images.shape == (1, 3, 32, 32)
+    assert load_dataset(f"imagefolder:{root}", limit=1, size=32, resize=40)[0][0].shape == (3, 32, 32)
+    assert load_dataset(f"imagefolder:{root}", train=True, limit=1, size=32, resize=40).image_size == (32, 32)
     assert load_dataset(f"imagefolder:{root}", train=True, train_view=True, size=32, resize=40).info["crop"] == 32
+    # decoded on access: the same pixels as the eager loader, item by item and through subsets
+    lazy = load_dataset(f"imagefolder:{root}", size=32, resize=40)
+    assert isinstance(lazy, ImageFolderDataset) and len(lazy) == 3 and lazy.image_size == (32, 32)
+    assert all(torch.equal(lazy[i][0], ds.images[i]) and lazy[i][1] == int(ds.labels[i]) for i in range(3))
+    sub = lazy.subset(2, start=1)
+    assert len(sub) == 2 and torch.equal(sub.batch([0, 1])[0], ds.images[1:]) and sub.labels.tolist() == [0, 1]
+    assert len(lazy) == 3 and lazy.info == ds.info
+    with pytest.raises(IndexError):
+        lazy[3]
+    view = load_dataset(f"imagefolder:{root}", train=True, train_view=True, size=32, resize=40)
+    assert view.image_size == (40, 40) and torch.equal(view.load().images, tr.images)
     assert load_dataset("synthetic", train=True, train_view=True, n=4).images.shape == (4, 3, 32, 32)
 
 
@@ -345,3 +359,34 @@ def test_iterate_batches():
     got = torch.cat(list(iterate_batches(50, 7, shuffle=True, generator=torch.Generator().manual_seed(0))))
     assert sorted(got.tolist()) == list(range(50))
     assert torch.equal(got, torch.randperm(50, generator=torch.Generator().manual_seed(0)))
+
+
+def test_select_and_spread_are_views_in_any_order(tmp_path):
+    root = _folder(tmp_path)
+    lazy = load_dataset(f"imagefolder:{root}", size=32, resize=40)
+    eager = load_image_folder(root, size=32, resize=40)
+    for ds in (lazy, eager):
+        sel = ds.select([2, 0])
+        assert len(sel) == 2 and sel.labels.tolist() == [1, 0] and torch.equal(sel.batch([0, 1])[0], eager.images[[2, 0]])
+        assert ds.spread(2).labels.tolist() == [0, 0]  # indices (j * 3) // 2 = 0, 1
+        assert ds.spread(10).labels.tolist() == [0, 0, 1] and len(ds.spread(0)) == 0
+    assert lazy.spread(2).files == [lazy.files[0], lazy.files[1]]
+
+
+def test_imagenet_layout_train_and_val_splits(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("n01", "n02"):
+            d = tmp_path / "imagenet" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 30), (10 * i, 50, 90)).save(d / f"{i}.jpg")
+    tr = load_dataset("imagenet", tmp_path, train=True, train_view=True, size=24, resize=28)
+    va = load_dataset("imagenet", tmp_path, size=24, resize=28)
+    assert len(tr) == 6 and len(va) == 4 and tr.classes == va.classes == ("n01", "n02")
+    assert tr.info["dataset"] == va.info["dataset"] == "imagenet" and tr.info["crop"] == 24 and tr.image_size == (28, 28)
+    assert va.name == "imagenet-val" and va.info["split"] == "val" and va[3][0].shape == (3, 24, 24)
+    assert va.subset(2).labels.tolist() == [0, 0] and va.spread(2).labels.tolist() == [0, 1]  # every class
+    with pytest.raises(DataError, match="no ImageNet val folder"):
+        load_dataset("imagenet", tmp_path / "imagenet" / "train")

@@ -278,3 +278,33 @@ def test_image_folder_training_uses_random_crops(tmp_path, shared_data):
     assert m["epoch"] == 1 and math.isfinite(m["loss"])
     model = load_model(Path(cfg.out_dir) / "model.safetensors")
     assert model.checkpoint_meta["data"]["crop"] == 48 and model.checkpoint_meta["data"]["resize"] == 56
+
+
+def test_init_from_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
+    """Fine-tuning: a 4-class run starts from a 3-class checkpoint's trunk; the head stays fresh."""
+    from patchcert.train.loop import init_weights
+
+    src = _cfg(tmp_path, "src", epochs=1, dataset_cfg={"num_classes": 3})
+    train(src)
+    ckpt = Path(src.out_dir) / "model.safetensors"
+    trained = load_tensors(ckpt)[0]
+    cfg = _cfg(tmp_path, "ft", epochs=2, init_from=str(ckpt))
+    torch.manual_seed(cfg.seed)
+    from patchcert.models import create_model
+
+    m = create_model(cfg.model, num_classes=4, **cfg.model_cfg)
+    head_before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("head.")}
+    loaded, kept = init_weights(m, ckpt)
+    assert set(kept) == set(head_before) == {"head.weight", "head.bias"}  # only the 4-class head is new
+    for k in loaded:
+        assert torch.equal(m.state_dict()[k], trained[k])
+    for k, v in head_before.items():
+        assert torch.equal(m.state_dict()[k], v)
+    assert train(cfg, stop_after_epoch=1)["epoch"] == 1
+    # resuming does not re-initialise (and the path may change between machines)
+    moved = _cfg(tmp_path, "ft", epochs=2, init_from="/elsewhere/model.safetensors")
+    train(moved, resume=True)
+    with pytest.raises(PatchcertError, match="no tensor matches"):
+        init_weights(torch.nn.Linear(3, 2), ckpt)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(_cfg(tmp_path, "bad", init_from=str(tmp_path / "none.safetensors")))

@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import file_sha256, load_tensors, save_tensors, versions
-from .data import ImageDataset, to_float
+from .data import ImageSource, to_float
 from .errors import PatchcertError
 from .geometry import Geometry, PatchSpec, parse_patch
+from .runtime import precise_math
 from .results import (
     CONFIG_FILE,
     PROGRESS_FILE,
@@ -659,7 +660,7 @@ def _check_pos_int(v: Any, name: str, allow_none: bool = False) -> None:
 
 def certify_dataset(
     model: nn.Module | None = None,
-    data: ImageDataset | None = None,
+    data: ImageSource | None = None,
     *,
     scores: ScoreFile | None = None,
     defenses: Sequence[str | DefenseSpec | Any] = ("voting",),
@@ -678,6 +679,7 @@ def certify_dataset(
     seed: int | None = None,
     command: str = "",
     progress: Callable[[int, int], None] | None = None,
+    num_workers: int | None = None,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -694,13 +696,17 @@ def certify_dataset(
     the same configuration). ``square_cap``: largest square side searched for
     ``largest_square`` (default ``min(H, W)``; 0 disables). ``progress(done, total)`` is called
     after every batch. Everything is validated before any work, with one-line PatchcertErrors.
+    ``data`` is any :class:`~patchcert.data.ImageSource`; images are read batch by batch through
+    :func:`patchcert.loader.load_batches` (``num_workers`` processes decode ahead; default: none
+    for in-memory data, a few for image folders), so memory does not grow with the dataset.
+    TF32 is off inside the loop and the caller's setting is restored afterwards.
     """
     # ---- validate the source ----------------------------------------------------------
     if scores is None:
         if model is None or data is None:
             raise PatchcertError("give a model and a dataset, or cached scores")
-        if not isinstance(data, ImageDataset):
-            raise PatchcertError(f"data must be an ImageDataset, got {type(data).__name__}")
+        if not isinstance(data, ImageSource):
+            raise PatchcertError(f"data must be an ImageSource (patchcert.data), got {type(data).__name__}")
         geometry = getattr(model, "geometry", None)
         if not isinstance(geometry, Geometry):
             raise PatchcertError(f"{type(model).__name__} declares no receptive-field geometry")
@@ -712,8 +718,9 @@ def certify_dataset(
         if exp is not None and tuple(exp) != tuple(image_size):
             raise PatchcertError(f"the model expects {exp[0]}x{exp[1]} images but {data.name} has "
                                  f"{image_size[0]}x{image_size[1]}")
-        if data.images.shape[1] != 3:
-            raise PatchcertError(f"{data.name}: expected 3-channel images, got {data.images.shape[1]}")
+        chans = int(data.images.shape[1]) if hasattr(data, "images") else 3  # streamed images are decoded to RGB
+        if chans != 3:
+            raise PatchcertError(f"{data.name}: expected 3-channel images, got {chans}")
         total_available = len(data)
         classes = list(data.classes)
         source_name = data.name
@@ -875,8 +882,6 @@ def certify_dataset(
     ndone = len(done_records)
     if progress is not None:
         progress(ndone, total)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     was_training = None
     if model is not None:
         was_training = model.training
@@ -884,17 +889,21 @@ def certify_dataset(
     parts_dir = run_dir / "scores.parts" if run_dir is not None else None
     if save_scores and parts_dir is not None:
         parts_dir.mkdir(exist_ok=True)
+    todo = [b for b in my_batches if min((b + 1) * batch_size, num_examples) - my_lo > ndone]  # not fully recorded
+    images = None
+    if scores is None:
+        from .loader import load_batches
+
+        images = load_batches(data, [range(start + b * batch_size, start + min((b + 1) * batch_size, num_examples))  # type: ignore[arg-type]
+                                     for b in todo], num_workers, pin_memory=dev.type == "cuda")
     try:
-        with torch.no_grad():
-            for b in my_batches:
+        with torch.no_grad(), precise_math():
+            for b in todo:
                 lo, hi = b * batch_size, min((b + 1) * batch_size, num_examples)
-                if hi - my_lo <= ndone:
-                    continue  # batch fully recorded
                 pos = torch.arange(start + lo, start + hi)
-                if scores is None:
-                    x = to_float(data.images[pos]).to(dev)  # type: ignore[union-attr]
-                    y = data.labels[pos]  # type: ignore[union-attr]
-                    idx = pos
+                if images is not None:
+                    xb, y, idx = next(images)
+                    x = to_float(xb.to(dev, non_blocking=dev.type == "cuda"))
                     timer.sync()
                     t0 = time.perf_counter()
                     smap = model.score_map(x)  # type: ignore[union-attr]
@@ -938,6 +947,8 @@ def certify_dataset(
                 if progress is not None:
                     progress(ndone, total)
     finally:
+        if images is not None:
+            images.close()  # stops DataLoader workers early if the loop raised
         if model is not None and was_training:
             model.train(True)
 

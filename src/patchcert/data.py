@@ -1,13 +1,21 @@
-"""Datasets as uint8 tensors, and batched augmentation on tensors.
+"""Datasets: map-style ``torch.utils.data`` datasets of uint8 images, and augmentation on tensors.
 
-* CIFAR-10 from the standard ``cifar-10-batches-py`` layout, read through a restricted
-  unpickler that only rebuilds plain containers and numpy arrays (a hostile pickle
-  cannot run code), without torchvision's md5 check.
-* ImageFolder (ImageNette / ImageNet): resize the short side, centre crop.
-* A synthetic dataset for tests.
+Every dataset is a :class:`ImageSource`: ``ds[i] -> (uint8 [3, H, W], int label)``, with
+``classes``, ``labels`` (int64 ``[N]``, known without decoding), ``image_size``, ``name`` and
+``info`` (provenance), ``subset`` (a cheap view) and ``batch(idx) -> (uint8 [B, 3, H, W], labels)``.
 
-Images are kept as ``uint8 [N, 3, H, W]``; ``to_float`` maps them to [0, 1]. The data
-folder comes from an argument or ``$PATCHCERT_DATA``.
+* :class:`ImageDataset` holds its images in memory (``images`` uint8 ``[N, 3, H, W]``): CIFAR-10
+  (the ``cifar-10-batches-py`` pickles are whole-file objects; the 50,000 training images are
+  150 MB, read through a restricted unpickler that only rebuilds plain containers and numpy
+  arrays, so a hostile pickle cannot run code) and the synthetic data. DataLoader workers
+  (forked) share the tensor's pages; nothing is copied per worker.
+* :class:`ImageFolderDataset` (ImageNette / ImageNet) lists the files and decodes an image when
+  it is accessed (resize the short side, centre crop), so memory does not grow with the folder.
+  :func:`load_image_folder` is the eager version (every image decoded into one tensor).
+
+``to_float`` maps uint8 to [0, 1]. The data folder comes from an argument or ``$PATCHCERT_DATA``.
+Batched loading with worker processes, the per-epoch sharded sampler and per-example
+augmentation for training live in :mod:`patchcert.loader`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ImageSource",
     "ImageDataset",
+    "ImageFolderDataset",
     "resolve_data_dir",
     "load_cifar10",
     "load_image_folder",
@@ -46,9 +56,63 @@ __all__ = [
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+class ImageSource(torch.utils.data.Dataset):
+    """A map-style dataset of uint8 images: ``ds[i] -> (uint8 [C, H, W], int)``.
+
+    Subclasses provide ``classes``, ``name``, ``info``, ``labels`` (int64 ``[N]``),
+    ``image_size``, ``__getitem__`` and ``subset``; ``batch`` stacks items (subclasses may
+    read a batch faster).
+    """
+
+    classes: tuple[str, ...]
+    name: str
+    info: dict
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def in_memory(self) -> bool:
+        """True if every image is already decoded in RAM (no worker processes needed)."""
+        return False
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def subset(self, n: int | None = None, start: int = 0) -> "ImageSource":  # pragma: no cover - abstract
+        """Examples ``start .. start+n-1`` (a view; nothing is decoded)."""
+        raise NotImplementedError
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageSource":  # pragma: no cover - abstract
+        """Examples ``indices`` in that order (a view; nothing is decoded)."""
+        raise NotImplementedError
+
+    def spread(self, n: int) -> "ImageSource":
+        """``min(n, len)`` examples evenly spaced over the dataset (``(j * N) // n``): a class-sorted
+        image folder's evaluation subset covers every class, not only the first ones."""
+        k = min(int(n), len(self))
+        return self.select(torch.arange(k) * len(self) // max(k, 1))
+
+    def batch(self, idx: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx`` as uint8 ``[B, C, H, W]`` and their labels int64 ``[B]``."""
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        if len(idx) == 0:
+            return torch.zeros(0, 3, *self.image_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+        return torch.stack([self[int(i)][0] for i in idx]), self.labels[idx]
+
+
 @dataclass
-class ImageDataset:
-    """``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64 ``[N]``."""
+class ImageDataset(ImageSource):
+    """In-memory images: ``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64 ``[N]``."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -68,16 +132,27 @@ class ImageDataset:
         return int(self.images.shape[0])
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def image_size(self) -> tuple[int, int]:
         return (int(self.images.shape[-2]), int(self.images.shape[-1]))
+
+    @property
+    def in_memory(self) -> bool:
+        return True
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def batch(self, idx: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        return self.images[idx], self.labels[idx]
 
     def subset(self, n: int | None = None, start: int = 0) -> "ImageDataset":
         stop = len(self) if n is None else min(len(self), start + n)
         return ImageDataset(self.images[start:stop], self.labels[start:stop], self.classes, self.name, dict(self.info))
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageDataset":
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.name, dict(self.info))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -189,59 +264,129 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, train: bool = False)
 _IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 
 
+def _check_folder_sizes(size: int, resize: int) -> None:
+    for name, v in (("size", size), ("resize", resize)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DataError(f"image folder: {name} must be a positive int, got {v!r}")
+    if resize < size:
+        raise DataError(f"image folder: resize ({resize}) must be >= size ({size})")
+
+
+def _list_image_folder(root: Path, limit: int | None) -> tuple[list[str], list[Path], list[int]]:
+    """Classes (sorted sub-folder names) and the image files with their labels, in a fixed order."""
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"image folder: limit must be a positive int, got {limit!r}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"image folder {str(root)!r} has no class sub-folders")
+    files: list[Path] = []
+    labels: list[int] = []
+    for ci, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in _IMG_EXT:
+                files.append(f)
+                labels.append(ci)
+                if limit is not None and len(files) >= limit:
+                    break
+        if limit is not None and len(files) >= limit:
+            break
+    if not files:
+        raise DataError(f"image folder {str(root)!r} holds no images")
+    return classes, files, labels
+
+
+def decode_image(path: str | os.PathLike, resize: int, out_size: int) -> torch.Tensor:
+    """Decode one image: RGB, short side to ``resize`` (bilinear), centre crop ``out_size`` -> uint8 ``[3, s, s]``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = resize / min(w, h)
+            im = im.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - out_size) // 2, (h - out_size) // 2
+            im = im.crop((left, top, left + out_size, top + out_size))
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+class ImageFolderDataset(ImageSource):
+    """ImageFolder layout ``root/<class>/<img>``, decoded on access (nothing is held but the file list).
+
+    Evaluation view (``train_view=False``): short side to ``resize``, centre crop ``size`` ->
+    ``[3, size, size]``. Training view (``train_view=True``): short side to ``resize``, centre crop
+    ``resize x resize``; the training pipeline then takes a random ``size x size`` crop (+ flip)
+    (BagCert A.1.2: random 224 crops of the 256-rescaled image); ``info["crop"] = size`` says so.
+    Pixels are identical to :func:`load_image_folder`'s.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int = 224, resize: int = 256, limit: int | None = None,
+                 train_view: bool = False) -> None:
+        _check_folder_sizes(size, resize)
+        self.root = Path(root)
+        classes, files, labels = _list_image_folder(self.root, limit)
+        self.classes = tuple(classes)
+        self.files = [str(f) for f in files]
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.size, self.resize, self.train_view = size, resize, bool(train_view)
+        self.name = f"imagefolder:{self.root.name}"
+        self.info = {"dataset": "imagefolder", "root": str(self.root), "size": size, "resize": resize,
+                     "split": "train" if train_view else "eval"}
+        if train_view:
+            self.info["crop"] = size
+
+    @property
+    def out_size(self) -> int:
+        return self.resize if self.train_view else self.size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.out_size, self.out_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        return decode_image(self.files[i], self.resize, self.out_size), int(self.labels[i])
+
+    def subset(self, n: int | None = None, start: int = 0) -> "ImageFolderDataset":
+        stop = len(self) if n is None else min(len(self), start + n)
+        return self.select(torch.arange(start, max(start, stop)))
+
+    def select(self, indices: torch.Tensor | list[int]) -> "ImageFolderDataset":
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        sub = object.__new__(ImageFolderDataset)
+        sub.__dict__.update(self.__dict__)
+        sub.info = dict(self.info)
+        sub.files = [self.files[int(i)] for i in idx]
+        sub.labels = self.labels[idx]
+        return sub
+
+    def load(self) -> ImageDataset:
+        """Decode every image into one in-memory :class:`ImageDataset` (needs N x 3 x s x s bytes)."""
+        out = torch.empty(len(self), 3, self.out_size, self.out_size, dtype=torch.uint8)
+        for i in range(len(self)):
+            out[i] = self[i][0]
+        return ImageDataset(out, self.labels.clone(), self.classes, self.name, dict(self.info))
+
+
 def load_image_folder(
     root: str | os.PathLike, size: int = 224, resize: int = 256, limit: int | None = None, train: bool = False
 ) -> ImageDataset:
-    """ImageFolder layout ``root/<class>/<img>`` as the papers preprocess ImageNet.
+    """ImageFolder layout ``root/<class>/<img>`` decoded eagerly into RAM (see :class:`ImageFolderDataset`,
+    which decodes on access and is what :func:`load_dataset` returns).
 
     Evaluation (``train=False``): short side to ``resize``, centre crop ``size`` -> ``[N, 3, size, size]``.
     Training (``train=True``): short side to ``resize``, centre crop ``resize x resize``; the
     training loop then takes a random ``size x size`` crop (+ flip) per step (:func:`train_batch`;
     BagCert A.1.2: random 224 crops of the 256-rescaled image). ``info["crop"] = size`` says so.
     """
-    from PIL import Image
-
-    for name, v in (("size", size), ("resize", resize)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DataError(f"image folder: {name} must be a positive int, got {v!r}")
-    if resize < size:
-        raise DataError(f"image folder: resize ({resize}) must be >= size ({size})")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"image folder {str(root)!r} has no class sub-folders")
-    files: list[tuple[Path, int]] = []
-    for ci, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() in _IMG_EXT:
-                files.append((f, ci))
-    if limit is not None:
-        files = files[:limit]
-    if not files:
-        raise DataError(f"image folder {str(root)!r} holds no images")
-    out_size = resize if train else size
-    out = torch.empty(len(files), 3, out_size, out_size, dtype=torch.uint8)
-    for i, (f, _) in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = resize / min(w, h)
-                im = im.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - out_size) // 2, (h - out_size) // 2
-                im = im.crop((left, top, left + out_size, top + out_size))
-                out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{f}: cannot read image ({e})") from None
-    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
-    info = {"dataset": "imagefolder", "root": str(root), "size": size, "resize": resize,
-            "split": "train" if train else "eval"}
-    if train:
-        info["crop"] = size
-    return ImageDataset(out, labels, tuple(classes), f"imagefolder:{root.name}", info)
+    return ImageFolderDataset(root, size=size, resize=resize, limit=limit, train_view=train).load()
 
 
 # -- synthetic ---------------------------------------------------------------------------
@@ -303,8 +448,22 @@ def _imagenette_root(base: Path, split: str) -> Path | None:
     return next((c for c in cands if is_folder(c) and (c.name == split or split == "val")), None)
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bool = False, **kw) -> ImageDataset:
-    """``cifar10`` | ``imagenette`` (the ImageFolder under the data dir) | ``imagefolder:PATH`` | ``synthetic``.
+def _imagenet_root(base: Path, split: str) -> Path:
+    for cand in (base / "imagenet" / split, base / split):
+        if cand.is_dir() and any(d.is_dir() for d in cand.iterdir()):
+            return cand
+    raise DataError(f"no ImageNet {split} folder under {str(base)!r} (expected imagenet/{split}/<class>/<image> "
+                    f"or {split}/<class>/<image>)")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bool = False, **kw) -> ImageSource:
+    """``cifar10`` | ``imagenette`` (the ImageFolder under the data dir) | ``imagenet`` | ``imagefolder:PATH`` | ``synthetic``.
+
+    ``imagenet``: ImageFolder splits ``train`` / ``val`` under ``DATA/imagenet/`` or ``DATA/``
+    (one sub-folder per class, e.g. the synset ids ``n01440764 ..``).
+
+    CIFAR-10 and synthetic data come back in memory (:class:`ImageDataset`); image folders as an
+    :class:`ImageFolderDataset` that decodes on access (``in_memory=True``: decoded eagerly).
 
     ``imagenette``: ``train=True`` reads a ``train`` folder (imagenette2 layout) if there is one,
     else the ``val`` folder with a warning (``../shared/data`` holds only 1,000 val images).
@@ -314,8 +473,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
     resized but not yet cropped to ``size`` (``info["crop"]``), for :func:`train_batch`'s random
     crops; by default every split is centre-cropped to ``size``. Extra options go to the loader (``size``, ``resize``, ``limit`` for image folders; ``n``,
     ``num_classes``, ``size``, ``seed`` for synthetic data); CIFAR-10 takes none.
+    ``in_memory`` (image folders) decodes every image now and returns an :class:`ImageDataset`.
     """
     train_view = bool(kw.pop("train_view", False))
+    in_memory = bool(kw.pop("in_memory", False))
     if name == "cifar10":
         if kw:
             raise DataError(f"dataset cifar10 takes no options, got {', '.join(sorted(kw))}")
@@ -335,12 +496,20 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
                     raise DataError(f"no ImageNette folder under {str(base)!r}")
                 if train:
                     log.warning("no ImageNette train split under %s: training on the val images in %s", base, root)
-            return load_image_folder(root, train=train_view, **kw)
+            ds = ImageFolderDataset(root, train_view=train_view, **kw)
+            return ds.load() if in_memory else ds
+        if name == "imagenet":
+            split = "train" if train else "val"
+            ds = ImageFolderDataset(_imagenet_root(resolve_data_dir(data_dir), split), train_view=train_view, **kw)
+            ds.name, ds.info["dataset"], ds.info["split"] = f"imagenet-{split}", "imagenet", split
+            ds.info["view"] = "train" if train_view else "eval"
+            return ds.load() if in_memory else ds
         if name.startswith("imagefolder:"):
-            return load_image_folder(name.split(":", 1)[1], train=train_view, **kw)
+            ds = ImageFolderDataset(name.split(":", 1)[1], train_view=train_view, **kw)
+            return ds.load() if in_memory else ds
     except TypeError as e:
         raise DataError(f"dataset {name!r}: bad option ({e})") from None
-    raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagefolder:PATH or synthetic")
+    raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagenet, imagefolder:PATH or synthetic")
 
 
 # -- tensors -----------------------------------------------------------------------------

@@ -618,6 +618,9 @@ def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.P
             if data.get("pattern"):
                 opts["pattern"] = str(data["pattern"])
             ds = load_dataset("synthetic", **opts)  # the recorded seed already names the split's draw
+        elif kind == "imagenet":
+            kw = {k: int(data[k]) for k in ("size", "resize") if data.get(k)}
+            ds = load_dataset("imagenet", data_dir, train=split == "train", **kw)
         elif kind in ("imagefolder", "imagenette"):
             kw = {k: int(data[k]) for k in ("size", "resize") if data.get(k)}
             name = str(data.get("name") or "")
@@ -635,7 +638,7 @@ def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.P
         log.warning("reloaded images are %s, the run's %s; vulnerability maps without the image",
                     ds.image_size, meta.image_size)
         return {}, None
-    return {i: ds.images[i] for i in indices if 0 <= i < len(ds)}, list(ds.classes)
+    return {i: ds[i][0] for i in indices if 0 <= i < len(ds)}, list(ds.classes)
 
 
 def plot_vulnerability(

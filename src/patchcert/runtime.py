@@ -7,13 +7,15 @@ import ctypes.util
 import logging
 import os
 import random
+from contextlib import AbstractContextManager, contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tune_allocator", "harden", "resolve_device"]
+__all__ = ["tune_allocator", "harden", "resolve_device", "math_mode", "precise_math"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -67,3 +69,29 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PatchcertError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+@contextmanager
+def math_mode(tf32: bool = False, cudnn_benchmark: bool | None = None) -> Iterator[None]:
+    """Within the block: TF32 matmuls/convolutions allowed or not, cuDNN autotuning on/off
+    (``None``: unchanged); the previous settings come back on exit, also after an exception.
+
+    Only the ``torch.backends.*.allow_tf32`` flags are touched (mixing them with
+    ``torch.set_float32_matmul_precision`` is an error in recent PyTorch). On a CPU these
+    flags change nothing.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+        if cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def precise_math() -> AbstractContextManager[None]:
+    """Certification arithmetic: TF32 off and no cuDNN autotuning inside the block, restored after
+    (a float32 model pass means float32; certificates are then computed in float64)."""
+    return math_mode(tf32=False, cudnn_benchmark=False)

@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     from ..certify import DTYPES, _state_dict_sha256, build_defenses, plan_patches
     from ..checkpoint import atomic_write_text, file_sha256, versions
     from ..data import to_float
+    from ..loader import load_batches
     from ..runtime import harden, resolve_device
     from .certify import _load_model_and_data
 
@@ -245,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         raise PatchcertError(f"--batch-size must be positive, got {args.batch_size}")
     if args.start < 0:
         raise PatchcertError(f"--start must be non-negative, got {args.start}")
+    if args.workers is not None and args.workers < 0:
+        raise PatchcertError(f"--workers must be >= 0, got {args.workers}")
     if args.save_png < 0:
         raise PatchcertError(f"--save-png must be non-negative, got {args.save_png}")
     if args.resume and not args.out:
@@ -315,13 +318,13 @@ def run(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     classes = list(data.classes)
     records = list(done)
+    pos0 = args.start + len(done)
+    batches = [range(lo, min(lo + args.batch_size, args.start + n)) for lo in range(pos0, args.start + n, args.batch_size)]
+    images = load_batches(data, batches, args.workers, pin_memory=device.type == "cuda")
     try:
-        pos0 = args.start + len(done)
-        for lo in range(pos0, args.start + n, args.batch_size):
-            hi = min(lo + args.batch_size, args.start + n)
-            idx = torch.arange(lo, hi)
-            x = to_float(data.images[idx]).to(device)
-            y = data.labels[idx].to(device)
+        for xb, yb, idx in images:
+            x = to_float(xb.to(device))
+            y = yb.to(device)
             with torch.no_grad():
                 s32 = model.score_map(x).float()
             s = s32.to(dtype)
@@ -370,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.update(len(batch))
     finally:
+        images.close()  # stops DataLoader workers early if the loop raised
         if bar is not None:
             bar.close()
 

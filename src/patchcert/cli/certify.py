@@ -104,6 +104,9 @@ def add_model_data_arguments(g, scores: bool = True) -> None:
     g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
     g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
     g.add_argument("--num-examples", "-n", type=int, help="number of examples (default: all from --start)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="data loader processes decoding images ahead of the model (default: 0 for in-memory "
+                        "data such as CIFAR-10, min(4, cpus) for image folders)")
 
 
 # -- model and data ----------------------------------------------------------------------
@@ -138,7 +141,7 @@ def _checkpoint_dataset(model: Any) -> str | None:
     if not isinstance(data, dict):
         return None
     ds = data.get("dataset")
-    if ds in ("cifar10", "imagenette", "synthetic"):
+    if ds in ("cifar10", "imagenette", "imagenet", "synthetic"):
         return ds
     if ds == "imagefolder" and data.get("root"):
         return f"imagefolder:{data['root']}"
@@ -180,7 +183,7 @@ def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, inp
         kw.update({k: v for k, v in ckpt_cfg.items() if k in ("seed", "pattern")})
         if num_classes is None and "num_classes" in ckpt_cfg:
             kw["num_classes"] = ckpt_cfg["num_classes"]
-    elif name == "imagenette" or name.startswith("imagefolder:"):
+    elif name in ("imagenette", "imagenet") or name.startswith("imagefolder:"):
         if name.startswith("imagefolder:") and args.split == "train":
             log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
         if input_size and input_size[0] == input_size[1]:
@@ -303,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     shard = (rank, world) if distributed else parse_shard(args.shard)
     if args.num_examples is not None and args.num_examples < 1:
         raise PatchcertError(f"--num-examples must be positive, got {args.num_examples}")
+    if args.workers is not None and args.workers < 0:
+        raise PatchcertError(f"--workers must be >= 0, got {args.workers}")
     if args.batch_size < 1:
         raise PatchcertError(f"--batch-size must be positive, got {args.batch_size}")
     if args.start < 0:
@@ -352,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
                 patches=args.patch or ["5x5"],
                 batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
                 start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
-                square_cap=args.square_cap, seed=args.seed, command=command, progress=progress)
+                square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
+                num_workers=args.workers)
         finally:
             if bar is not None:
                 bar.close()

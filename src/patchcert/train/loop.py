@@ -29,6 +29,28 @@ size. BatchNorm statistics are per rank unless ``sync_bn=True`` (a differentiabl
 all-reduce that works with any backend, CPU included), with which a run on ``W``
 processes computes the same function as a single process up to float rounding.
 Evaluation is sharded over the ranks; rank 0 alone writes files.
+
+Two data paths (``loader``):
+
+* ``"memory"`` -- the first loop's path, kept bit-identical for in-memory data (CIFAR-10,
+  synthetic): one generator (``rng.data``) draws the shuffled order, the batched augmentation
+  and the objective's randomness for the global batch on the main thread; every rank draws
+  the whole global batch and keeps its share.
+* ``"stream"`` -- ``torch.utils.data`` (:mod:`patchcert.loader`): a ``DataLoader`` with
+  ``data_workers`` processes decodes and augments while the model trains (pinned memory and
+  non-blocking copies on CUDA); the order of epoch ``e`` and example ``i``'s augmentation and
+  objective randomness (DS ablations, mask cut-outs) come from generators seeded by ``(seed, e)``
+  and ``(seed, e, i)``, and each rank reads only its share ``batch[rank::world]`` of each global
+  batch. Resume is bit-identical (nothing but the epoch needs restoring), whatever the number of
+  workers, and a ``W``-process run sees the same augmented global batches as one process.
+* ``"auto"`` (default): ``stream`` for data that is decoded on access (image folders),
+  ``memory`` for data already in memory.
+
+GPU options (thin; documented in ``TrainConfig``): ``tf32`` allows TF32 inside training only
+(evaluation and certification run with TF32 off; the previous global flags are restored when
+``train`` returns); ``cudnn_benchmark``; ``compile`` (``torch.compile`` of the trained module,
+after DDP wrapping); ``sync_bn`` uses ``nn.SyncBatchNorm`` on CUDA and the gloo-compatible
+:class:`_SyncBatchNorm` on CPU; ``bf16`` autocasts on CUDA as on CPU.
 """
 
 from __future__ import annotations
@@ -50,17 +72,22 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import atomic_write_text, load_tensors, save_checkpoint, save_tensors, versions
-from ..data import ImageDataset, iterate_batches, load_dataset, to_float, train_batch
+from ..data import ImageDataset, ImageSource, iterate_batches, load_dataset, to_float, train_batch
 from ..errors import CheckpointError, PatchcertError
 from ..geometry import patch_windows
+from ..loader import (STREAM_OBJECTIVE, EpochBatchSampler, TrainView, default_workers, example_generator,
+                      load_batches, make_loader)
 from ..models import create_model
+from ..runtime import math_mode, precise_math
 from .objectives import OBJECTIVES, Objective, create_objective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "lr_at", "evaluate", "default_eval_defense", "OBJECTIVES", "convert_sync_batchnorm"]
+__all__ = ["TrainConfig", "train", "lr_at", "evaluate", "default_eval_defense", "OBJECTIVES", "convert_sync_batchnorm",
+           "sync_batchnorm", "autocast", "init_weights", "LOADERS"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LOADERS = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -96,6 +123,13 @@ class TrainConfig:
     eval_defense: dict | None = None  # {"name": ..., **kwargs}; None: the objective's default
     dataset_cfg: dict = field(default_factory=dict)  # extra load_dataset options (e.g. ImageFolder size)
     nesterov: bool = False  # sgd only
+    # -- issue 10: streaming data and GPU options -----------------------------------------------
+    loader: str = "auto"  # auto | memory | stream (see the module docstring)
+    data_workers: int | None = None  # DataLoader worker processes (stream); None: 0 in memory, else min(4, cpus)
+    tf32: bool = False  # allow TF32 matmuls/convolutions while training (CUDA; evaluation stays TF32-off)
+    cudnn_benchmark: bool = False  # cuDNN autotuning while training (CUDA; may change float rounding)
+    compile: bool = False  # torch.compile the trained module (may change float rounding)
+    init_from: str | None = None  # start from a checkpoint's weights (e.g. `patchcert convert` of a published BagNet)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -152,6 +186,10 @@ class TrainConfig:
             raise PatchcertError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if not 0 <= self.momentum < 1:
             raise PatchcertError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.loader not in LOADERS:
+            raise PatchcertError(f"unknown loader {self.loader!r}; known: {', '.join(LOADERS)}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise PatchcertError(f"data_workers must be >= 0, got {self.data_workers}")
         if self.eval_defense is not None and not isinstance(self.eval_defense.get("name"), str):
             raise PatchcertError("eval_defense must be a table with a 'name' (e.g. {name = \"voting\", binarize = \"sign\"})")
 
@@ -226,13 +264,20 @@ def _make_defense(spec: dict[str, Any]):
         raise PatchcertError(f"eval_defense {name!r}: {e}") from None
 
 
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` (CPU or CUDA alike)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, patch: str, device: torch.device, batch_size: int = 250,
-             bf16: bool = False, defense: dict[str, Any] | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, data: ImageSource, patch: str, device: torch.device, batch_size: int = 250,
+             bf16: bool = False, defense: dict[str, Any] | None = None,
+             num_workers: int | None = None) -> dict[str, float]:
     """Clean and certified accuracy of ``defense`` (default: sign voting, Condition 3.2) on ``data``.
 
     Under an initialised process group each rank evaluates ``data[rank::world]`` and the
-    counts are summed, so every rank returns the accuracies on the whole set.
+    counts are summed, so every rank returns the accuracies on the whole set. Images are read
+    through :func:`patchcert.loader.load_batches` (``num_workers``); TF32 is off inside.
     """
     d = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"})
     was = model.training
@@ -241,15 +286,17 @@ def evaluate(model: nn.Module, data: ImageDataset, patch: str, device: torch.dev
     rank, world = _dist_info()
     share = torch.arange(rank, len(data), world)
     counts = torch.zeros(2, dtype=torch.float64)
-    for idx in iterate_batches(len(share), batch_size, shuffle=False):
-        sel = share[idx]
-        x = to_float(data.images[sel]).to(device)
-        y = data.labels[sel].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            s = model.score_map(x)
-        s = s.float()
-        counts[0] += int((d.predict(s) == y).sum())
-        counts[1] += int(d.certify(s, y, windows).sum())
+    batches = [share[idx] for idx in iterate_batches(len(share), batch_size, shuffle=False)]
+    cuda = device.type == "cuda"
+    with precise_math():
+        for xb, yb, _ in load_batches(data, batches, num_workers, pin_memory=cuda):
+            x = to_float(xb.to(device, non_blocking=cuda))
+            y = yb.to(device, non_blocking=cuda)
+            with autocast(device, bf16):
+                s = model.score_map(x)
+            s = s.float()
+            counts[0] += int((d.predict(s) == y).sum())
+            counts[1] += int(d.certify(s, y, windows).sum())
     if world > 1:
         torch.distributed.all_reduce(counts)
     model.train(was)
@@ -325,6 +372,15 @@ class _SyncBatchNorm(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Cross-rank BatchNorm statistics: ``nn.SyncBatchNorm`` on CUDA (NCCL), the gloo-compatible
+    :class:`_SyncBatchNorm` elsewhere. Returns the module to train (BatchNorm layers replaced)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    convert_sync_batchnorm(module)
+    return module
+
+
 def convert_sync_batchnorm(module: nn.Module) -> int:
     """Switch every ``nn.BatchNorm2d`` in ``module`` to cross-rank statistics in place; returns how many."""
     n = 0
@@ -376,7 +432,8 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-_NOT_COMPARED = ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size")
+_NOT_COMPARED = ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size", "data_workers", "compile",
+                 "cudnn_benchmark", "init_from")  # init_from: a resumed run restores its own weights
 
 
 def _comparable(cfg: dict) -> dict:
@@ -398,6 +455,27 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def init_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Copy every tensor of the checkpoint at ``path`` whose name and shape match ``model``'s state
+    into it (fine-tuning: e.g. an ImageNet BagNet's trunk for a 10-class task, whose differently
+    shaped head keeps its fresh initialisation). Returns (loaded, kept) state names; an
+    architecture that shares no tensor with the checkpoint is a one-line error."""
+    tensors, _ = load_tensors(path)
+    tensors = {k[6:] if k.startswith("model.") else k: v for k, v in tensors.items()}  # a training state works too
+    own = model.state_dict()
+    loaded = [k for k, v in own.items() if k in tensors and tuple(tensors[k].shape) == tuple(v.shape)]
+    kept = [k for k in own if k not in loaded]
+    if not loaded:
+        raise PatchcertError(f"init_from {str(path)!r}: no tensor matches the model ({len(tensors)} tensors, e.g. "
+                             f"{next(iter(tensors), '-')!r}); is it the same architecture?")
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(tensors[k].to(own[k].dtype))
+    log.info("init_from %s: %d tensors loaded, %d kept fresh (%s)", path, len(loaded), len(kept),
+             ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else ""))
+    return loaded, kept
+
+
 # -- the loop -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -410,11 +488,19 @@ def train(cfg: TrainConfig, resume: bool = False,
     resumption and to split long runs).
     """
     cfg.validate()
-    device = torch.device(cfg.device)
+    from ..runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PatchcertError(f"bf16 autocast is not supported on {torch.cuda.get_device_name(device)}; set bf16 = false")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    with math_mode(tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark):
+        return _train(cfg, device, resume, on_step, stop_after_epoch)
+
+
+def _train(cfg: TrainConfig, device: torch.device, resume: bool,
+           on_step: Callable[[int, int, float], None] | None, stop_after_epoch: int | None) -> dict[str, Any]:
     started_dist = _maybe_init_distributed(device)
     rank, world = _dist_info()
     if device.type == "cuda" and world > 1:
@@ -437,16 +523,25 @@ def train(cfg: TrainConfig, resume: bool = False,
             log.warning("no training state in %s: starting a new run", out)
 
         ds_kw = dict(cfg.dataset_cfg)
-        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True, train_view=True, **ds_kw)
+        train_set: ImageSource = load_dataset(cfg.dataset, cfg.data_dir, train=True, train_view=True, **ds_kw)
         eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
         if cfg.max_train_examples:
             train_set = train_set.subset(cfg.max_train_examples)
-        eval_set = eval_set.subset(cfg.eval_examples)
+        # in-memory splits (CIFAR, synthetic) are shuffled: their first examples; image folders are
+        # sorted by class: examples spread over the folder so that every class is evaluated
+        eval_set = eval_set.subset(cfg.eval_examples) if eval_set.in_memory else eval_set.spread(cfg.eval_examples)
+        stream = cfg.loader == "stream" or (cfg.loader == "auto" and not train_set.in_memory)
+        if not stream and not isinstance(train_set, ImageDataset):
+            train_set = train_set.load()  # type: ignore[attr-defined]  # loader = "memory": decode everything now
+        workers = cfg.data_workers if cfg.data_workers is not None else default_workers(train_set)
+        eval_workers = cfg.data_workers if cfg.data_workers is not None else default_workers(eval_set)
         if train_set.info.get("root") and train_set.info.get("root") == eval_set.info.get("root"):
             log.warning("training and evaluating on the same images (%s)", train_set.info["root"])
 
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=train_set.num_classes, **cfg.model_cfg).to(device)
+        if cfg.init_from and saved is None:
+            init_weights(model, cfg.init_from)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         crop = train_set.info.get("crop")
@@ -454,7 +549,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         objective: Objective = create_objective(cfg.objective, model, image_size, **cfg.objective_cfg)
         module = objective.trainable(model)
         if cfg.sync_bn:
-            convert_sync_batchnorm(module)
+            module = sync_batchnorm(module, device)
         opt = _make_optimizer(cfg, module.parameters())
         gen = torch.Generator().manual_seed(cfg.seed)
         try:
@@ -487,6 +582,8 @@ def train(cfg: TrainConfig, resume: bool = False,
         net: nn.Module = module
         if world > 1:
             net = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)  # the saved state dicts are the uncompiled module's (same tensors)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", json.dumps({**resolved, "versions": versions()}, indent=2) + "\n")
@@ -499,29 +596,54 @@ def train(cfg: TrainConfig, resume: bool = False,
             raise PatchcertError(f"batch size {cfg.batch_size} is smaller than the number of processes ({world})")
         total = steps_per_epoch * cfg.epochs
         warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+        cuda = device.type == "cuda"
+        sampler = loader = None
+        if stream:
+            sampler = EpochBatchSampler(n, cfg.batch_size, cfg.seed, rank, world)
+            loader = make_loader(TrainView(train_set, cfg.augment, cfg.seed), sampler, workers, pin_memory=cuda,
+                                 persistent=workers > 0)
+            log.info("streaming %d training images with %d worker(s)", n, workers)
         metrics: dict[str, Any] = history[-1] if history else {}
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t0 = time.perf_counter()
             loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-example losses, examples] on this rank
-            for it, idx in enumerate(iterate_batches(n, cfg.batch_size, shuffle=True, generator=gen, drop_last=True)):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                batches: Any = loader
+            else:
+                batches = iterate_batches(n, cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+            for it, item in enumerate(batches):
                 step = epoch * steps_per_epoch + it
                 lr = lr_at(step, total, warm, cfg.lr)
                 for gp in opt.param_groups:
                     gp["lr"] = lr
-                xb = train_batch(train_set, idx, cfg.augment, gen)  # CIFAR: pad-4 crop + flip; ImageNet: 224 crops
-                if objective.uses_generator:  # e.g. DS ablation: drawn for the global batch, then shared out
-                    x = objective.prepare(to_float(xb), gen)[rank::world].to(device)
+                if stream:  # this rank's share, augmented per example in the workers
+                    xb, yb, ib = item
+                    if objective.uses_generator:  # per-example randomness: (seed, epoch, index)
+                        xf = to_float(xb)
+                        x = torch.cat([objective.prepare(xf[k:k + 1], example_generator(
+                            cfg.seed, epoch, int(ib[k]), STREAM_OBJECTIVE)) for k in range(len(ib))]).to(device)
+                    else:
+                        x = objective.prepare(to_float(xb.to(device, non_blocking=cuda)), None)
+                    yb = yb.to(device, non_blocking=cuda)
+                    global_batch = cfg.batch_size
                 else:
-                    x = objective.prepare(to_float(xb[rank::world]), None).to(device)
-                yb = train_set.labels[idx][rank::world].to(device)
+                    idx = item
+                    xb = train_batch(train_set, idx, cfg.augment, gen)  # type: ignore[arg-type]  # CIFAR: pad-4 crop + flip
+                    if objective.uses_generator:  # e.g. DS ablation: drawn for the global batch, then shared out
+                        x = objective.prepare(to_float(xb), gen)[rank::world].to(device)
+                    else:
+                        x = objective.prepare(to_float(xb[rank::world]), None).to(device)
+                    yb = train_set.labels[idx][rank::world].to(device)
+                    global_batch = len(idx)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with autocast(device, cfg.bf16):
                     out_ = net(x)
                 loss = objective.loss(out_, yb)
                 # DDP averages gradients over ranks: weight each rank's mean by its share of the batch
-                scaled = loss * (len(yb) * world / len(idx)) if world > 1 else loss
+                scaled = loss * (len(yb) * world / global_batch) if world > 1 else loss
                 opt.zero_grad(set_to_none=True)
                 scaled.backward()
                 opt.step()
@@ -536,7 +658,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 _broadcast_state(module)  # rank 0's BN running stats everywhere: the model we save is the one evaluated
             row = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "lr": lr,
                    "train_img_per_s": float(loss_sum[1]) / dt, "epoch_seconds": dt}
-            ev = evaluate(model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense)
+            ev = evaluate(model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense,
+                          num_workers=eval_workers)
             row.update({f"eval_{k}": v for k, v in ev.items()})
             history.append(row)
             metrics = row

@@ -1,0 +1,217 @@
+"""Streaming data for training, certification and attacks, on ``torch.utils.data``.
+
+* :func:`load_batches` reads given index batches of any :class:`~patchcert.data.ImageSource`
+  through a ``DataLoader`` (worker processes decode while the model runs; pinned memory on
+  CUDA) and yields ``(x uint8 [B, C, H, W], y int64 [B], idx int64 [B])`` in order. In-memory
+  data without workers is indexed directly.
+* :class:`EpochBatchSampler` is the training order: a permutation of the training set drawn
+  from a generator seeded by ``(seed, epoch)`` alone, cut into global batches of
+  ``batch_size`` (the last partial batch dropped); under ``torchrun`` rank ``r`` of ``W`` gets
+  ``batch[r::W]`` of every global batch, so each rank reads (and decodes) only its share.
+* :class:`TrainView` is the augmented training view: example ``i`` of epoch ``e`` is augmented
+  by its own generator seeded by ``(seed, e, i)`` (:func:`example_generator`), in whichever
+  worker, rank or order it is read.
+
+So the streaming training path is a pure function of ``(seed, epoch, index)``: it needs no RNG
+state to resume (an interrupted run resumes bit-identically after its last finished epoch), it
+does not depend on the number of workers, and a run on ``W`` processes sees the same augmented
+global batches as a run on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .data import ImageSource, augment_crop_flip, center_crop, random_crop_flip
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "mix_seed",
+    "example_generator",
+    "EpochBatchSampler",
+    "TrainView",
+    "load_batches",
+    "default_workers",
+    "STREAM_SHUFFLE",
+    "STREAM_AUGMENT",
+    "STREAM_OBJECTIVE",
+]
+
+#: stream ids: independent random streams derived from the same (seed, epoch[, index])
+STREAM_SHUFFLE, STREAM_AUGMENT, STREAM_OBJECTIVE = 1, 2, 3
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (order matters): splitmix64 folded over the parts.
+
+    Nearby tuples (``(0, 1, 5)`` vs ``(0, 1, 6)``) give unrelated seeds.
+    """
+    h = 0x5EED
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def example_generator(seed: int, epoch: int, index: int, stream: int = STREAM_AUGMENT) -> torch.Generator:
+    """The CPU generator of example ``index`` in ``epoch`` for one random ``stream``."""
+    return torch.Generator().manual_seed(mix_seed(seed, stream, epoch, index))
+
+
+class EpochBatchSampler:
+    """Batches of ``(epoch, index)`` keys for this rank: ``batch[rank::world]`` of each global batch.
+
+    The global order of epoch ``e`` is ``randperm(n)`` from a generator seeded by
+    ``mix_seed(seed, STREAM_SHUFFLE, e)``; global batch ``t`` is ``order[t*B:(t+1)*B]``; the last
+    partial batch is dropped (every step sees ``batch_size`` examples), so an epoch has
+    ``n // batch_size`` steps on every rank. Call :meth:`set_epoch` before iterating.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
+        """The global order of ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else int(epoch)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, STREAM_SHUFFLE, e)))
+
+    def global_batches(self, epoch: int | None = None) -> list[torch.Tensor]:
+        order = self.order(epoch)
+        b = self.batch_size
+        return [order[s:s + b] for s in range(0, (self.n // b) * b, b)]
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        e = self.epoch
+        for g in self.global_batches(e):
+            yield [(e, int(i)) for i in g[self.rank::self.world]]
+
+
+class TrainView(torch.utils.data.Dataset):
+    """The augmented training view of ``source``, keyed by ``(epoch, index)``.
+
+    ``source[index]`` is decoded and, if ``augment``, augmented with
+    :func:`example_generator` ``(seed, epoch, index)``: CIFAR-style data (no ``info["crop"]``)
+    gets a random crop with zero padding 4 and a random horizontal flip; image-folder training
+    views (``info["crop"] = s``) a random ``s x s`` crop and a flip (without ``augment``: the
+    centre crop). Returns ``(uint8 [C, h, w], label, index)``.
+    """
+
+    def __init__(self, source: ImageSource, augment: bool, seed: int) -> None:
+        self.source, self.augment, self.seed = source, bool(augment), int(seed)
+        crop = source.info.get("crop")
+        self.crop = int(crop) if crop else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.crop, self.crop) if self.crop else tuple(self.source.image_size)  # type: ignore[return-value]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key
+        x, y = self.source[index]
+        x = x[None]
+        if self.crop is None:
+            if self.augment:
+                x = augment_crop_flip(x, 4, generator=example_generator(self.seed, epoch, index))
+        elif self.augment:
+            x = random_crop_flip(x, self.crop, generator=example_generator(self.seed, epoch, index))
+        else:
+            x = center_crop(x, self.crop)
+        return x[0].contiguous(), int(y), int(index)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``source[i] -> (image, label, i)`` for evaluation reads."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        x, y = self.source[int(i)]
+        return x, int(y), int(i)
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xs, ys, idx = zip(*items)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(idx, dtype=torch.int64)
+
+
+def default_workers(source: ImageSource | TrainView) -> int:
+    """Worker processes for reading ``source``: 0 for in-memory data, else ``min(4, cpus)``
+    (``$PATCHCERT_DATA_WORKERS`` overrides)."""
+    env = os.environ.get("PATCHCERT_DATA_WORKERS")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            log.warning("ignoring PATCHCERT_DATA_WORKERS=%r (not an integer)", env)
+    src = source.source if isinstance(source, TrainView) else source
+    if getattr(src, "in_memory", False):
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_workers: int,
+                pin_memory: bool = False, persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``batch_sampler`` with the collate of this module (``(x, y, idx)``).
+
+    It has its own generator for the workers' base seed, so iterating it never advances the
+    global torch RNG (which a resumed run restores: shake-shake, initialisation); the data's
+    randomness comes from explicit per-example generators anyway.
+    """
+    kw: dict = {}
+    if num_workers > 0:
+        kw = {"persistent_workers": persistent, "prefetch_factor": 2}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                       collate_fn=_collate, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0), **kw)
+
+
+def load_batches(source: ImageSource, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int | None = None,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Read ``batches`` (lists of indices) of ``source`` in order -> ``(x uint8, y int64, idx int64)``.
+
+    ``num_workers`` (default :func:`default_workers`): DataLoader worker processes that decode
+    the next batches while the caller computes. In-memory data without workers is indexed
+    directly (no copies through the DataLoader).
+    """
+    batches = [torch.as_tensor(b, dtype=torch.int64).reshape(-1) for b in batches]
+    if num_workers is None:
+        num_workers = default_workers(source)
+    if num_workers == 0 and source.in_memory and not pin_memory:
+        for b in batches:
+            x, y = source.batch(b)
+            yield x, y, b
+        return
+    loader = make_loader(_Indexed(source), [b.tolist() for b in batches], min(num_workers, len(batches)),
+                         pin_memory=pin_memory)
+    yield from loader
