@@ -53,9 +53,11 @@ def test_mask_cutout_bad_options(bad):
         create_objective("mask_cutout", model, (32, 32), **bad)
 
 
-def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path):
+@pytest.mark.parametrize("greedy", [0.0, 0.5])
+def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path, greedy):
     base = dict(model="fastnet_cifar", model_cfg={"widths": [4, 4, 4], "stem": 4}, dataset="synthetic",
-                objective="mask_cutout", objective_cfg={"patch": "3x3", "k": 3, "label_smoothing": 0.1},
+                objective="mask_cutout", objective_cfg={"patch": "3x3", "k": 3, "label_smoothing": 0.1,
+                                                        "greedy_fraction": greedy, "greedy_candidates": 3},
                 epochs=2, batch_size=16, optimizer="sgd", lr=0.05, nesterov=True, warmup_epochs=0.5,
                 eval_examples=16, seed=3, num_threads=1)
     train(TrainConfig(**base, out_dir=str(tmp_path / "a")))
@@ -65,3 +67,32 @@ def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path):
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
     assert a.checkpoint_meta["objective"]["name"] == "mask_cutout"
+
+
+def test_greedy_cutout_picks_the_worst_candidates():
+    torch.manual_seed(0)
+    model = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    obj = create_objective("mask_cutout", model, (32, 32), patch="5x5", k=3, probs=[1.0, 0.0, 0.0], fill=0.5,
+                           greedy_fraction=0.5, greedy_candidates=9)  # every mask is a candidate (9 masks)
+    assert obj.refines
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.randint(0, 3, (8,))
+    import contextlib
+
+    model.train()
+    out = obj.refine(x, x.clone(), y, model, lambda _: contextlib.nullcontext())
+    assert model.training  # restored
+    assert torch.equal(out[4:], x[4:])
+    table = mask_set((32, 32), (5, 5), 3).boolean()
+    model.eval()
+    import torch.nn.functional as F
+    from patchcert.masks import apply_masks
+
+    def loss(img, m):
+        return float(F.cross_entropy(model(apply_masks(img[None], m[None], 0.5)).flatten(1), y[:1]))
+
+    with torch.no_grad():
+        # image 0: round 1 takes the worst single mask (all 9 are candidates), round 2 the worst second one
+        i = max(range(9), key=lambda a: loss(x[0], table[a]))
+        j = max(range(9), key=lambda b: loss(x[0], table[i] | table[b]))
+    assert torch.equal(out[0], apply_masks(x[:1], (table[i] | table[j])[None], 0.5)[0])

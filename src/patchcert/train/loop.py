@@ -637,6 +637,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
                         x = objective.prepare(to_float(xb[rank::world]), None).to(device)
                     yb = train_set.labels[idx][rank::world].to(device)
                     global_batch = len(idx)
+                if objective.refines:  # e.g. Greedy Cutout: worst-case masks found with the current model
+                    clean = to_float(xb if stream else xb[rank::world]).to(device)
+                    x = objective.refine(clean, x, yb, module, lambda t: autocast(device, cfg.bf16))
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, cfg.bf16):

@@ -213,6 +213,16 @@ class Objective:
         """Global batch of float images ``[B, C, H, W]`` in [0, 1] -> network input (default: as is)."""
         return x
 
+    #: the objective's :meth:`refine` runs after ``prepare`` (it sees labels and the model)
+    refines: bool = False
+
+    def refine(self, clean: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, model: nn.Module,
+               autocast: Callable[[Any], Any]) -> torch.Tensor:
+        """This rank's prepared batch ``x`` -> the network input, given the clean images, labels
+        and the model (default: ``x``). Randomness must come from the global torch generator,
+        whose state the training state saves."""
+        return x
+
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -404,7 +414,8 @@ class MaskCutoutObjective(Objective):
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
-                 probs: Sequence[float] = (0.2, 0.3, 0.5), fill: float = 0.5, label_smoothing: float = 0.0) -> None:
+                 probs: Sequence[float] = (0.2, 0.3, 0.5), fill: float = 0.5, label_smoothing: float = 0.0,
+                 greedy_fraction: float = 0.0, greedy_candidates: int = 8) -> None:
         super().__init__(model, image_size)
         from ..geometry import parse_patch
         from ..masks import mask_set
@@ -428,6 +439,14 @@ class MaskCutoutObjective(Objective):
         self.label_smoothing = _number("mask_cutout label_smoothing", label_smoothing, lo=0.0)
         if self.label_smoothing >= 1:
             raise PatchcertError(f"objective 'mask_cutout': label_smoothing must be < 1, got {label_smoothing!r}")
+        self.greedy_fraction = _number("mask_cutout greedy_fraction", greedy_fraction, lo=0.0)
+        if self.greedy_fraction > 1:
+            raise PatchcertError(f"objective 'mask_cutout': greedy_fraction must be in [0, 1], got {greedy_fraction!r}")
+        if isinstance(greedy_candidates, bool) or not isinstance(greedy_candidates, int) or greedy_candidates < 1:
+            raise PatchcertError(f"objective 'mask_cutout': greedy_candidates must be a positive int, "
+                                 f"got {greedy_candidates!r}")
+        self.greedy_candidates = greedy_candidates
+        self.refines = self.greedy_fraction > 0
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         from ..masks import apply_masks, random_masks
@@ -435,6 +454,43 @@ class MaskCutoutObjective(Objective):
         j = int(torch.randint(0, len(self.mask_sets), (1,), generator=generator)) if len(self.mask_sets) > 1 else 0
         m = random_masks(self.mask_sets[j], x.shape[0], self.probs, generator)
         return apply_masks(x, m, self.fill)
+
+    @torch.no_grad()
+    def refine(self, clean: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, model: nn.Module,
+               autocast: Callable[[Any], Any]) -> torch.Tensor:
+        """Greedy Cutout (Saha et al., 2023) on the first ``greedy_fraction`` of the batch (whose
+        order is random): round 1 picks, among ``greedy_candidates`` random masks, the one whose
+        masked image has the highest loss; round 2 adds the second mask the same way. The model
+        runs in eval mode (BatchNorm statistics untouched). Candidates are distinct masks.
+        """
+        from ..masks import apply_masks
+
+        g = int(round(self.greedy_fraction * clean.shape[0]))
+        if g == 0:
+            return x
+        j = int(torch.randint(0, len(self.mask_sets), (1,))) if len(self.mask_sets) > 1 else 0
+        table = self.mask_sets[j].boolean(clean.device)  # [M, H, W]
+        c = min(self.greedy_candidates, table.shape[0])
+        xc, yc = clean[:g], labels[:g]
+        was = model.training
+        model.eval()
+        try:
+            chosen = torch.zeros(g, *table.shape[1:], dtype=torch.bool, device=clean.device)
+            for _ in range(2):
+                cand = torch.rand(g, table.shape[0]).argsort(1)[:, :c].to(clean.device)  # [g, c] distinct
+                masks = chosen[:, None] | table[cand]  # [g, c, H, W]
+                xm = apply_masks(xc.repeat_interleave(c, 0), masks.flatten(0, 1), self.fill)
+                with autocast(None):
+                    out = model(xm)
+                out = out.float()
+                out = out.mean((2, 3)) if out.dim() == 4 else out
+                loss = F.cross_entropy(out, yc.repeat_interleave(c), reduction="none").view(g, c)
+                chosen = masks[torch.arange(g, device=clean.device), loss.argmax(1)]
+        finally:
+            model.train(was)
+        out_x = x.clone()
+        out_x[:g] = apply_masks(xc, chosen, self.fill)
+        return out_x
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = out.float()
@@ -444,4 +500,5 @@ class MaskCutoutObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "patch": self.patch, "k": self.k, "probs": self.probs, "fill": self.fill,
-                "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets]}
+                "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets],
+                "greedy_fraction": self.greedy_fraction, "greedy_candidates": self.greedy_candidates}
