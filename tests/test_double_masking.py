@@ -413,3 +413,20 @@ def test_certify_refuses_double_masking_on_cached_scores(tmp_path):
         certify_dataset(m, data, defenses=["double-masking:q=3"], square_cap=0)
     with pytest.raises(PatchcertError, match="k must be"):
         certify_dataset(m, data, defenses=["double-masking:k=0"], square_cap=0)
+
+
+def test_report_tables_and_plots_include_double_masking(tmp_path):
+    from patchcert.certify import certify_dataset
+    from patchcert.data import synthetic_dataset
+    from patchcert.models import create_model
+    from patchcert.report import make_report
+
+    torch.manual_seed(1)
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    data = synthetic_dataset(n=4, num_classes=3, size=32)
+    certify_dataset(m, data, defenses=["double-masking:k=2", "voting"], patches=["5x5"], batch_size=4,
+                    out_dir=tmp_path / "run", square_cap=4)
+    res = make_report([tmp_path / "run"], tmp_path / "rep", examples=[0], map_patch="5x5")
+    keys = {(r.defense, r.patch) for r in res.rows}
+    assert ("double-masking(k=2)", "5x5") in keys and ("voting(sign,3.2)", "5x5") in keys
+    assert (tmp_path / "rep" / "results.md").read_text().count("double-masking(k=2)") >= 1
