@@ -72,6 +72,7 @@ __all__ = [
     "parse_shard",
     "build_defenses",
     "plan_patches",
+    "plan_threat",
     "square_windows",
     "largest_certified_square",
     "square_summary",
@@ -341,6 +342,18 @@ def plan_patches(patches: Sequence[str | PatchSpec], geometry: Geometry, image_s
 
 def _covering_window(plans: Sequence[PatchPlan]) -> tuple[int, int]:
     return (max(w[0] for p in plans for w in p.windows), max(w[1] for p in plans for w in p.windows))
+
+
+def plan_threat(defenses: Sequence[str | DefenseSpec | Any], patches: Sequence[str | PatchSpec],
+                geometry: Geometry, image_size: tuple[int, int]) -> tuple[list[DefensePlan], list[PatchPlan]]:
+    """The defenses and patches of a run, exactly as every verb (certify, attack, training
+    evaluation) must build them for one model: patch specs resolved on ``geometry``, masking's
+    default window covering every patch window, and ``wrap`` from the geometry (a wrapping map
+    -- De-randomized smoothing -- gets wrapping defenses; a non-wrapping defense is refused)."""
+    patch_plans = plan_patches(patches, geometry, image_size)
+    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap,
+                                   image_size=tuple(image_size), default_shapes=default_mask_shapes(patch_plans))
+    return defense_plans, patch_plans
 
 
 def square_windows(geometry: Geometry, cap: int) -> list[tuple[int, int]]:
@@ -768,9 +781,7 @@ def certify_dataset(
     if save_scores and out_dir is None:
         raise PatchcertError("save_scores needs an output directory")
 
-    patch_plans = plan_patches(patches, geometry, image_size)
-    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap,
-                                   image_size=tuple(image_size), default_shapes=default_mask_shapes(patch_plans))
+    defense_plans, patch_plans = plan_threat(defenses, patches, geometry, image_size)
     pixel_plans = [dp for dp in defense_plans if dp.on_pixels]
     if pixel_plans and scores is not None:
         raise PatchcertError(f"{pixel_plans[0].key} works on images and needs the model; a score file holds only "

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..attacks import affected_mask, attack_and_check
     from ..report import region_scores
-    from ..certify import DTYPES, _state_dict_sha256, build_defenses, plan_patches
+    from ..certify import DTYPES, _state_dict_sha256, plan_threat
     from ..checkpoint import atomic_write_text, file_sha256, versions
     from ..data import to_float
     from ..loader import load_batches
@@ -268,9 +268,8 @@ def run(args: argparse.Namespace) -> int:
     n = len(data) - args.start if args.num_examples is None else args.num_examples
     if args.start + n > len(data):
         raise PatchcertError(f"{n} examples from {args.start} exceed the {len(data)} examples of {data.name}")
-    patches = plan_patches(args.patch or ["5x5"], geom, image_size)
-    cover = (max(w[0] for p in patches for w in p.windows), max(w[1] for p in patches for w in p.windows))
-    defenses = build_defenses(args.defense or ["voting"], default_window=cover)
+    # exactly the defenses `certify` builds for this model (wrap-around windows on DS maps)
+    defenses, patches = plan_threat(args.defense or ["voting"], args.patch or ["5x5"], geom, image_size)
     dtype = DTYPES[args.dtype]
     model.eval()
 

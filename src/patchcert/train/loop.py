@@ -253,15 +253,21 @@ def default_eval_defense(objective: str, cfg: dict | None = None,
     return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
 
 
-def _make_defense(spec: dict[str, Any]):
-    from ..defenses import create_defense
+def _make_defense(spec: dict[str, Any], wrap: bool = False):
+    """The evaluation defense, built as ``certify`` builds it for the model (``wrap``: the
+    geometry's; a non-wrapping defense on a wrapping map is refused)."""
+    from ..certify import DefenseSpec, build_defenses
 
     kw = dict(spec)
     name = kw.pop("name", None)
+    if not isinstance(name, str):
+        raise PatchcertError(f"eval_defense needs a 'name', got {spec!r}")
+    if isinstance(kw.get("window"), list):
+        kw["window"] = tuple(kw["window"])
     try:
-        return create_defense(name, **kw)
-    except TypeError as e:
-        raise PatchcertError(f"eval_defense {name!r}: {e}") from None
+        return build_defenses([DefenseSpec(name, kw, name)], wrap=wrap)[0].defense
+    except PatchcertError as e:
+        raise PatchcertError(f"eval_defense: {e}") from None
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -279,7 +285,7 @@ def evaluate(model: nn.Module, data: ImageSource, patch: str, device: torch.devi
     counts are summed, so every rank returns the accuracies on the whole set. Images are read
     through :func:`patchcert.loader.load_batches` (``num_workers``); TF32 is off inside.
     """
-    d = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"})
+    d = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"}, model.geometry.wrap)
     was = model.training
     model.eval()
     windows = patch_windows(model, patch, data.image_size)
@@ -557,7 +563,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
         except ValueError as e:
             raise PatchcertError(f"eval_patch: {e}") from None
         eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg, eval_windows)
-        _make_defense(eval_defense)  # a bad eval_defense fails now, not after the first epoch
+        _make_defense(eval_defense, model.geometry.wrap)  # a bad eval_defense fails now, not after the first epoch
         start_epoch = 0
         history: list[dict] = []
         if saved is not None:
