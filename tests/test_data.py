@@ -390,3 +390,31 @@ def test_imagenet_layout_train_and_val_splits(tmp_path):
     assert va.subset(2).labels.tolist() == [0, 0] and va.spread(2).labels.tolist() == [0, 1]  # every class
     with pytest.raises(DataError, match="no ImageNet val folder"):
         load_dataset("imagenet", tmp_path / "imagenet" / "train")
+
+
+def test_protocol_5_batches_load_and_hostile_protocol_5_pickles_are_refused(tmp_path):
+    import pickle as pk
+
+    rng = np.random.default_rng(3)
+    d = {"batch_label": "b", "labels": [int(v) for v in rng.integers(0, 10, 7)],
+         "data": rng.integers(0, 256, (7, 3072), dtype=np.uint8), "filenames": ["f"] * 7}
+    ref = load_cifar10(_cifar_dir(tmp_path / "p2", pk.dumps(d, protocol=2)))
+    got = load_cifar10(_cifar_dir(tmp_path / "p5", pk.dumps(d, protocol=5)))
+    assert torch.equal(ref.images, got.images) and torch.equal(ref.labels, got.labels)
+    marker = tmp_path / "pwned"
+    for evil in (_System(f"touch {marker}"), np.load, np.lib.format.read_array):
+        payload = pk.dumps({"data": evil, "labels": [0]}, protocol=5)
+        with pytest.raises(DataError, match="refused to unpickle"):
+            load_cifar10(_cifar_dir(tmp_path / f"e{id(evil)}", payload))
+    assert not marker.exists()
+
+
+def test_decompression_bomb_is_a_one_line_data_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2x the limit: PIL refuses it as a bomb
+    with pytest.raises(DataError, match="big.png: refused to decode") as e:
+        load_image_folder(tmp_path, size=32, resize=32)
+    assert "\n" not in str(e.value)

@@ -40,7 +40,7 @@ def test_run_directory_layout_and_checkpoint(tmp_path):
     cfg = _cfg(tmp_path)
     m = train(cfg)
     run = Path(cfg.out_dir)
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "log.csv", "model.json", "model.safetensors",
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "log.csv", "model.json", "model.safetensors",
                                                       "state.safetensors"]
     conf = json.loads((run / "config.json").read_text())
     assert {k: conf[k] for k in asdict(cfg)} == asdict(cfg) and "torch" in conf["versions"]

@@ -56,7 +56,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     for p, epoch in ((p1, 1), (p2, 2)):
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         assert len(lines) == 1 and json.loads(lines[0])["epoch"] == epoch
-    assert sorted(f.name for f in run.iterdir()) == ["config.json", "log.csv", "model.json", "model.safetensors",
+    assert sorted(f.name for f in run.iterdir()) == [".lock", "config.json", "log.csv", "model.json", "model.safetensors",
                                                       "state.safetensors"]
     assert list(tmp_path.iterdir()) == [run]
     ddp, meta = load_tensors(run / "state.safetensors")

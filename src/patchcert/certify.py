@@ -17,6 +17,7 @@ the model, and their records are byte-identical (the merged shards included).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .checkpoint import file_sha256, load_tensors, save_tensors, versions
 from .data import ImageSource, to_float
 from .errors import PatchcertError
@@ -671,6 +673,404 @@ def _check_pos_int(v: Any, name: str, allow_none: bool = False) -> None:
         raise PatchcertError(f"{name} must be a positive integer, got {v!r}")
 
 
+@dataclass
+class _Source:
+    """Where the score maps come from: a model + dataset, or a score file."""
+
+    geometry: Geometry
+    image_size: tuple[int, int]
+    num_classes: int
+    classes: list[str]
+    total: int
+    name: str
+
+
+def _model_source(model: Any, data: Any) -> _Source:
+    if model is None or data is None:
+        raise PatchcertError("give a model and a dataset, or cached scores")
+    if not isinstance(data, ImageSource):
+        raise PatchcertError(f"data must be an ImageSource (patchcert.data), got {type(data).__name__}")
+    geometry = getattr(model, "geometry", None)
+    if not isinstance(geometry, Geometry):
+        raise PatchcertError(f"{type(model).__name__} declares no receptive-field geometry")
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes != data.num_classes:
+        raise PatchcertError(f"the model has {num_classes} classes but {data.name} has {data.num_classes}")
+    image_size = data.image_size
+    exp = geometry.input_size
+    if exp is not None and tuple(exp) != tuple(image_size):
+        raise PatchcertError(f"the model expects {exp[0]}x{exp[1]} images but {data.name} has "
+                             f"{image_size[0]}x{image_size[1]}")
+    chans = int(data.images.shape[1]) if hasattr(data, "images") else 3  # streamed images are decoded to RGB
+    if chans != 3:
+        raise PatchcertError(f"{data.name}: expected 3-channel images, got {chans}")
+    return _Source(geometry, image_size, num_classes, list(data.classes), len(data), data.name)
+
+
+def _score_source(scores: ScoreFile) -> _Source:
+    meta = scores.meta
+    try:
+        geometry = Geometry.from_dict(meta["geometry"])
+        image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PatchcertError(f"score file: bad geometry/image_size metadata ({e})") from None
+    num_classes = int(scores.scores.shape[1])
+    classes = list(meta.get("classes") or [f"class{i}" for i in range(num_classes)])
+    if len(classes) != num_classes:
+        raise PatchcertError(f"score file: {num_classes}-class scores but {len(classes)} class names")
+    return _Source(geometry, image_size, num_classes, classes, len(scores), f"scores:{scores.path}")
+
+
+def _provenance(model: Any, data: Any, scores: ScoreFile | None) -> dict[str, Any]:
+    """What the records depend on besides the run's options: model (hash), data, score file."""
+    if scores is None:
+        ckpt = getattr(model, "checkpoint_path", None)
+        return {"model": str(getattr(model, "arch", type(model).__name__)),
+                "model_sha256": file_sha256(ckpt) if ckpt else _state_dict_sha256(model),
+                "hash_of": "file" if ckpt else "state_dict", "checkpoint": str(ckpt) if ckpt else None,
+                "model_config": _jsonable(dict(getattr(model, "config", {}) or {})),
+                "data": _jsonable({"name": data.name, "num_examples_total": len(data), **data.info}),
+                "scores_path": None, "scores_sha256": None}
+    meta = scores.meta
+    return {"model": str(meta.get("model", "unknown")), "model_sha256": meta.get("model_sha256"),
+            "hash_of": meta.get("model_hash_of", "file"), "checkpoint": meta.get("checkpoint"),
+            "model_config": _jsonable(meta.get("model_config") or {}), "data": _jsonable(meta.get("data") or {}),
+            "scores_path": scores.path, "scores_sha256": scores.sha256}
+
+
+def _check_selection(start: Any, num_examples: int | None, batch_size: Any, src: _Source) -> int:
+    _check_pos_int(batch_size, "batch size")
+    _check_pos_int(num_examples, "number of examples", allow_none=True)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise PatchcertError(f"start must be a non-negative integer, got {start!r}")
+    if start >= src.total:
+        raise PatchcertError(f"start {start} is past the end of {src.name} ({src.total} examples)")
+    if num_examples is None:
+        return src.total - start
+    if start + num_examples > src.total:
+        raise PatchcertError(f"{num_examples} examples from {start} exceed the {src.total} examples of {src.name}")
+    return num_examples
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PatchcertError(f"dtype must be float32 or float64, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise PatchcertError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def _warn_oversized(patch_plans: Sequence[PatchPlan], map_size: tuple[int, int]) -> None:
+    H, W = map_size
+    for pp in patch_plans:
+        for w in pp.windows:
+            if H and (w[0] > H or w[1] > W):
+                log.warning("patch %s: window %dx%d is larger than the %dx%d score map; nothing can be certified",
+                            pp.text, w[0], w[1], H, W)
+
+
+def _check_pixel_plans(defense_plans: Sequence[DefensePlan], patch_plans: Sequence[PatchPlan],
+                       scores: ScoreFile | None) -> None:
+    pixel_plans = [dp for dp in defense_plans if dp.on_pixels]
+    if pixel_plans and scores is not None:
+        raise PatchcertError(f"{pixel_plans[0].key} works on images and needs the model; a score file holds only "
+                             "score maps")
+    for dp in pixel_plans:
+        from .defenses.double_masking import covers
+
+        for pp in patch_plans:
+            bad = [f"{a}x{b}" for a, b in pp.shapes if not covers(dp.mask_set, (a, b))]
+            if bad:
+                log.warning("%s: its mask set does not cover patch %s (%s); nothing is certified for it",
+                            dp.key, pp.text, ", ".join(bad))
+
+
+@dataclass
+class _Job:
+    """Everything one certify call decided before any work."""
+
+    model: Any
+    data: Any
+    scores: ScoreFile | None
+    src: _Source
+    prov: dict[str, Any]
+    defense_plans: list[DefensePlan]
+    patch_plans: list[PatchPlan]
+    squares: list[tuple[int, int]] | None
+    start: int
+    num_examples: int
+    batch_size: int
+    dtype: torch.dtype
+    device: torch.device
+    shard: tuple[int, int] | None
+    batches: range
+    lo: int  # first selected position of this shard (relative to start)
+    total: int  # examples of this shard
+    map_size: tuple[int, int]
+    config: dict[str, Any]
+    square_cap: int
+    square_method: str
+    save_scores: bool
+    seed: int | None
+    command: str
+    num_workers: int | None = None
+
+    @property
+    def pixel_plans(self) -> list[DefensePlan]:
+        return [dp for dp in self.defense_plans if dp.on_pixels]
+
+    @property
+    def dtype_name(self) -> str:
+        return "float32" if self.dtype == torch.float32 else "float64"
+
+
+def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
+              out_dir, save_scores, square_cap, square_method, seed, command) -> _Job:
+    if scores is None:
+        src = _model_source(model, data)
+    else:
+        if model is not None or data is not None:
+            raise PatchcertError("give either a model and dataset or cached scores, not both")
+        src = _score_source(scores)
+    num_examples = _check_selection(start, num_examples, batch_size, src)
+    shard_t = parse_shard(shard)
+    dtype = _resolve_dtype(dtype)
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    if square_cap is None:
+        square_cap = min(src.image_size)
+    if isinstance(square_cap, bool) or not isinstance(square_cap, int) or square_cap < 0:
+        raise PatchcertError(f"square cap must be a non-negative integer, got {square_cap!r}")
+    square_cap = min(square_cap, min(src.image_size))
+    if save_scores and out_dir is None:
+        raise PatchcertError("save_scores needs an output directory")
+    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
+    _check_pixel_plans(defense_plans, patch_plans, scores)
+    squares = square_windows(src.geometry, square_cap) if square_cap > 0 else None
+    prov = _provenance(model, data, scores)
+    nb = math.ceil(num_examples / batch_size)
+    batches = shard_batches(nb, shard_t)
+    lo = min(batches.start * batch_size, num_examples)
+    hi = min(batches.stop * batch_size, num_examples)
+    if hi == lo:
+        log.warning("shard %s/%s holds no examples (%d batches for %d shards)", *shard_t, nb, shard_t[1])  # type: ignore[misc]
+    if scores is not None:
+        map_size = (int(scores.scores.shape[-2]), int(scores.scores.shape[-1]))
+    else:
+        map_size = tuple(model.map_size(src.image_size)) if hasattr(model, "map_size") else (0, 0)
+    _warn_oversized(patch_plans, map_size)  # type: ignore[arg-type]
+    dtype_name = "float32" if dtype == torch.float32 else "float64"
+    config = _jsonable({
+        "format": 1,
+        "model": prov["model"], "model_sha256": prov["model_sha256"], "model_config": prov["model_config"],
+        "scores_sha256": prov["scores_sha256"], "data": prov["data"], "start": start, "num_examples": num_examples,
+        "total": num_examples, "defenses": [{"key": p.key, "config": p.config} for p in defense_plans],
+        "patches": [{"patch": p.text, "resolved": p.resolved, "windows": [list(w) for w in p.windows]}
+                    for p in patch_plans],
+        "dtype": dtype_name, "batch_size": batch_size, "save_scores": bool(save_scores),
+        "square_cap": square_cap, "square_method": square_method,
+        "geometry": src.geometry.to_dict(), "image_size": list(src.image_size),
+        "shard": list(shard_t) if shard_t else None,
+    })
+    return _Job(model, data, scores, src, prov, defense_plans, patch_plans, squares, start, num_examples, batch_size,
+                dtype, dev, shard_t, batches, lo, hi - lo, map_size, config, square_cap,  # type: ignore[arg-type]
+                square_method, bool(save_scores), seed, command)
+
+
+def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tuple[int, int] | None,
+              lock: bool) -> Path:
+    """Check the run folder's layout and hold it for the run: an unsharded run holds ``RUN``
+    exclusively; a shard holds ``RUN`` shared and ``RUN/shard-i-of-n`` exclusively."""
+    top = Path(out_dir)
+    if shard is None and top.is_dir() and any(top.glob("shard-*-of-*")):
+        raise PatchcertError(f"{top} holds a sharded run: continue it with --shard i/n, or merge it with "
+                             f"patchcert certify --merge {top}")
+    if shard is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
+        raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
+    run_dir = top / shard_dirname(*shard) if shard else top
+    if not lock:
+        return rundir.prepare(run_dir)
+    if shard is None:
+        return stack.enter_context(rundir.hold(top))
+    stack.enter_context(rundir.hold(top, "shared", clean=False))
+    return stack.enter_context(rundir.hold(run_dir))
+
+
+def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[ExampleRecord], dict[str, float]]:
+    """The records (and timing) an interrupted run in ``run_dir`` already holds; none for a new run."""
+    if not rundir.check_resume(run_dir, job.config, resume, CONFIG_FILE, markers=(CONFIG_FILE, RECORDS_FILE)):
+        return [], {}
+    done = repair_records(run_dir / RECORDS_FILE)
+    first = job.start + job.lo
+    expect = list(range(first, first + len(done)))
+    if job.scores is not None:
+        expect = job.scores.indices[first:first + len(done)].tolist()
+    if [r.index for r in done] != expect:
+        raise PatchcertError(f"cannot resume {run_dir}: records.jsonl does not hold the first examples "
+                             "of this run in order")
+    if len(done) > job.total:
+        raise PatchcertError(f"cannot resume {run_dir}: it holds more records than the run selects")
+    timing: dict[str, float] = {}
+    prog_p = run_dir / PROGRESS_FILE
+    if prog_p.exists():
+        timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
+    log.info("resuming %s: %d/%d examples done", run_dir, len(done), job.total)
+    return done, timing
+
+
+def _start_run_dir(job: _Job, run_dir: Path, done: list[ExampleRecord], timing: dict[str, float]) -> None:
+    for f in (SUMMARY_FILE, SUMMARY_CSV):  # a finished run is only finished once rewritten
+        (run_dir / f).unlink(missing_ok=True)
+    write_json(run_dir / CONFIG_FILE, job.config)
+    (run_dir / RECORDS_FILE).touch()
+    write_json(run_dir / PROGRESS_FILE, {"done": len(done), "total": job.total, "complete": False, "timing": timing})
+
+
+def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Score maps, labels, dataset indices and (with a model) the images of the selected
+    positions ``pos`` (checked); images come from the loader ``images``."""
+    x = None
+    if images is not None:
+        xb, y, idx = next(images)
+        x = to_float(xb.to(job.device, non_blocking=job.device.type == "cuda"))
+        timer.sync()
+        t0 = time.perf_counter()
+        smap = job.model.score_map(x)
+        timer.sync()
+        timer.add("forward", time.perf_counter() - t0)
+        timer.add("forward_images", float(len(pos)))
+        what = "model produced"
+    else:
+        smap = job.scores.scores[pos].to(job.device)
+        y, idx = job.scores.labels[pos], job.scores.indices[pos]
+        what = "score file holds"
+    K = job.src.num_classes
+    if smap.dim() != 4 or smap.shape[1] != K or not smap.is_floating_point():
+        raise PatchcertError(f"score maps of shape {tuple(smap.shape)} ({smap.dtype}); expected float [N, {K}, H, W]")
+    fin = torch.isfinite(smap).flatten(1).all(1)
+    if not bool(fin.all()):
+        raise PatchcertError(f"{what} NaN/Inf scores for example {int(idx[_first_bad(fin)])}")
+    return smap, y, idx, x
+
+
+def _pixel_tables(job: _Job, x: torch.Tensor | None, timer: _Timer) -> dict[str, torch.Tensor]:
+    """Double masking: the model on every two-mask image of the batch, per pixel defense."""
+    tables = {}
+    for dp in job.pixel_plans:
+        timer.sync()
+        t0 = time.perf_counter()
+        tables[dp.key] = dp.defense.table(job.model, x, dp.mask_set)
+        timer.sync()
+        timer.add(f"{dp.key}|table", time.perf_counter() - t0)
+    return tables
+
+
+def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], timer: _Timer,
+                  progress: Callable[[int, int], None] | None) -> list[ExampleRecord]:
+    """Certify the job's remaining batches, appending records to ``run_dir`` as it goes."""
+    records = list(done)
+    ndone = len(done)
+    if progress is not None:
+        progress(ndone, job.total)
+    parts_dir = run_dir / "scores.parts" if run_dir is not None else None
+    if job.save_scores and parts_dir is not None:
+        parts_dir.mkdir(exist_ok=True)
+    model = job.model
+    was_training = model.training if model is not None else None
+    if model is not None:
+        model.to(job.device).eval()
+    B, n = job.batch_size, job.num_examples
+    todo = [b for b in job.batches if min((b + 1) * B, n) - job.lo > ndone]  # not fully recorded
+    images = None
+    if job.scores is None:
+        from .loader import load_batches
+
+        images = load_batches(job.data, [range(job.start + b * B, job.start + min((b + 1) * B, n)) for b in todo],
+                              job.num_workers, pin_memory=job.device.type == "cuda")
+    try:
+        with torch.no_grad(), precise_math():
+            for b in todo:
+                lo, hi = b * B, min((b + 1) * B, n)
+                pos = torch.arange(job.start + lo, job.start + hi)
+                smap, y, idx, x = _batch_maps(job, pos, images, timer)
+                if job.save_scores and parts_dir is not None:
+                    save_tensors(parts_dir / f"{lo:09d}.safetensors",
+                                 {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
+                # never round the map down: a float64 model is certified on its float64 scores
+                sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
+                batch_records = certify_batch(sdef, y.to(job.device), idx.tolist(), job.defense_plans,
+                                              job.patch_plans, job.squares, timer, job.square_method,
+                                              tables=_pixel_tables(job, x, timer))
+                timer.add("images", float(len(pos)))
+                new = batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records
+                if run_dir is not None:
+                    append_records(run_dir / RECORDS_FILE, new)
+                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new), "total": job.total,
+                                                         "complete": False, "timing": timer.totals})
+                records.extend(new)
+                ndone += len(new)
+                if progress is not None:
+                    progress(ndone, job.total)
+    finally:
+        if images is not None:
+            images.close()  # stops DataLoader workers early if the loop raised
+        if model is not None and was_training:
+            model.train(True)
+    return records
+
+
+def _summary(job: _Job, records: list[ExampleRecord], timer: _Timer) -> Summary:
+    tot = timer.totals
+    imgs = tot.get("images", 0.0)
+
+    def per_img(key: str, n: float | None = None) -> float | None:
+        n = imgs if n is None else n
+        return tot[key] / n if key in tot and n else None
+
+    template = [
+        ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
+                  windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
+                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
+        for dp in job.defense_plans for pp in job.patch_plans
+    ]
+    prov = job.prov
+    md = RunMetadata(
+        model=prov["model"], model_sha256=prov["model_sha256"], checkpoint=prov["checkpoint"], data=prov["data"],
+        num_examples=len(records), seed=job.seed, device=str(job.device), dtype=job.dtype_name, versions=versions(),
+        forward_seconds_per_image=per_img("forward", tot.get("forward_images")),
+        geometry=job.src.geometry.to_dict(), image_size=list(job.src.image_size), command=job.command,
+        model_hash_of=str(prov["hash_of"]), model_config=prov["model_config"], num_classes=job.src.num_classes,
+        classes=job.src.classes, map_size=list(job.map_size),
+        scores_file=prov["scores_path"], scores_sha256=prov["scores_sha256"], start=job.start,
+        indices=[records[0].index, records[-1].index] if records else [],
+        batch_size=job.batch_size, square_cap=job.square_cap, shard=list(job.shard) if job.shard else None,
+        defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
+                                            "largest_square": per_img(f"{dp.key}|largest_square"),
+                                            **({"masked_forward": per_img(f"{dp.key}|table")} if dp.on_pixels
+                                               else {})}
+                                   for dp in job.defense_plans},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return summarize(records, template, md)
+
+
+def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, timer: _Timer) -> None:
+    prov = job.prov
+    if job.save_scores:
+        _join_score_parts(run_dir / "scores.parts", run_dir / SCORES_FILE, {
+            "format": 1, "geometry": job.src.geometry.to_dict(), "image_size": list(job.src.image_size),
+            "model": prov["model"], "model_sha256": prov["model_sha256"], "model_hash_of": prov["hash_of"],
+            "model_config": prov["model_config"], "checkpoint": prov["checkpoint"], "classes": job.src.classes,
+            "data": prov["data"], "shard": list(job.shard) if job.shard else None,
+        }, job.total)
+    write_summary(run_dir, summary)
+    write_json(run_dir / PROGRESS_FILE, {"done": ndone, "total": job.total, "complete": True, "timing": timer.totals})
+
+
 def certify_dataset(
     model: nn.Module | None = None,
     data: ImageSource | None = None,
@@ -693,6 +1093,7 @@ def certify_dataset(
     command: str = "",
     progress: Callable[[int, int], None] | None = None,
     num_workers: int | None = None,
+    lock: bool = True,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -705,311 +1106,37 @@ def certify_dataset(
     every patch spec (``"5x5"``, ``"2%"``, ``"area=24"``) on the same maps.
 
     ``out_dir``: write the run directory (see :mod:`patchcert.results`); with ``shard=(i, n)``
-    into ``out_dir/shard-i-of-n``. ``resume``: continue a run there (its records must come from
-    the same configuration). ``square_cap``: largest square side searched for
-    ``largest_square`` (default ``min(H, W)``; 0 disables). ``progress(done, total)`` is called
-    after every batch. Everything is validated before any work, with one-line PatchcertErrors.
+    into ``out_dir/shard-i-of-n``. The folder is held for the whole call (:mod:`patchcert.rundir`):
+    another process on it is refused; ``lock=False`` when the caller already holds it (a
+    torchrun job). ``resume``: continue a run there (its records must come from the same
+    configuration). ``square_cap``: largest square side searched for ``largest_square``
+    (default ``min(H, W)``; 0 disables). ``progress(done, total)`` is called after every
+    batch. Everything is validated before any work, with one-line PatchcertErrors.
     ``data`` is any :class:`~patchcert.data.ImageSource`; images are read batch by batch through
     :func:`patchcert.loader.load_batches` (``num_workers`` processes decode ahead; default: none
     for in-memory data, a few for image folders), so memory does not grow with the dataset.
     TF32 is off inside the loop and the caller's setting is restored afterwards.
     """
-    # ---- validate the source ----------------------------------------------------------
-    if scores is None:
-        if model is None or data is None:
-            raise PatchcertError("give a model and a dataset, or cached scores")
-        if not isinstance(data, ImageSource):
-            raise PatchcertError(f"data must be an ImageSource (patchcert.data), got {type(data).__name__}")
-        geometry = getattr(model, "geometry", None)
-        if not isinstance(geometry, Geometry):
-            raise PatchcertError(f"{type(model).__name__} declares no receptive-field geometry")
-        num_classes = int(getattr(model, "num_classes", 0) or 0)
-        if num_classes != data.num_classes:
-            raise PatchcertError(f"the model has {num_classes} classes but {data.name} has {data.num_classes}")
-        image_size = data.image_size
-        exp = geometry.input_size
-        if exp is not None and tuple(exp) != tuple(image_size):
-            raise PatchcertError(f"the model expects {exp[0]}x{exp[1]} images but {data.name} has "
-                                 f"{image_size[0]}x{image_size[1]}")
-        chans = int(data.images.shape[1]) if hasattr(data, "images") else 3  # streamed images are decoded to RGB
-        if chans != 3:
-            raise PatchcertError(f"{data.name}: expected 3-channel images, got {chans}")
-        total_available = len(data)
-        classes = list(data.classes)
-        source_name = data.name
-    else:
-        if model is not None or data is not None:
-            raise PatchcertError("give either a model and dataset or cached scores, not both")
-        meta = scores.meta
-        try:
-            geometry = Geometry.from_dict(meta["geometry"])
-            image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise PatchcertError(f"score file: bad geometry/image_size metadata ({e})") from None
-        num_classes = int(scores.scores.shape[1])
-        classes = list(meta.get("classes") or [f"class{i}" for i in range(num_classes)])
-        if len(classes) != num_classes:
-            raise PatchcertError(f"score file: {num_classes}-class scores but {len(classes)} class names")
-        total_available = len(scores)
-        source_name = f"scores:{scores.path}"
-    _check_pos_int(batch_size, "batch size")
-    _check_pos_int(num_examples, "number of examples", allow_none=True)
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise PatchcertError(f"start must be a non-negative integer, got {start!r}")
-    if start >= total_available:
-        raise PatchcertError(f"start {start} is past the end of {source_name} ({total_available} examples)")
-    if num_examples is None:
-        num_examples = total_available - start
-    elif start + num_examples > total_available:
-        raise PatchcertError(f"{num_examples} examples from {start} exceed the {total_available} examples of {source_name}")
-    shard_t = parse_shard(shard)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise PatchcertError(f"dtype must be float32 or float64, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise PatchcertError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    dtype_name = "float32" if dtype == torch.float32 else "float64"
-    from .runtime import resolve_device
-
-    dev = resolve_device(device)
-    if square_cap is None:
-        square_cap = min(image_size)
-    if isinstance(square_cap, bool) or not isinstance(square_cap, int) or square_cap < 0:
-        raise PatchcertError(f"square cap must be a non-negative integer, got {square_cap!r}")
-    square_cap = min(square_cap, min(image_size))
-    if save_scores and out_dir is None:
-        raise PatchcertError("save_scores needs an output directory")
-
-    defense_plans, patch_plans = plan_threat(defenses, patches, geometry, image_size)
-    pixel_plans = [dp for dp in defense_plans if dp.on_pixels]
-    if pixel_plans and scores is not None:
-        raise PatchcertError(f"{pixel_plans[0].key} works on images and needs the model; a score file holds only "
-                             "score maps")
-    for dp in pixel_plans:
-        from .defenses.double_masking import covers
-
-        for pp in patch_plans:
-            bad = [f"{a}x{b}" for a, b in pp.shapes if not covers(dp.mask_set, (a, b))]
-            if bad:
-                log.warning("%s: its mask set does not cover patch %s (%s); nothing is certified for it",
-                            dp.key, pp.text, ", ".join(bad))
-    squares = square_windows(geometry, square_cap) if square_cap > 0 else None
-
-    # ---- what the records depend on ---------------------------------------------------
-    if scores is None:
-        ckpt = getattr(model, "checkpoint_path", None)
-        model_name = str(getattr(model, "arch", type(model).__name__))
-        if ckpt:
-            model_sha, hash_of = file_sha256(ckpt), "file"
-        else:
-            model_sha, hash_of = _state_dict_sha256(model), "state_dict"
-        model_cfg = _jsonable(dict(getattr(model, "config", {}) or {}))
-        data_info = _jsonable({"name": data.name, "num_examples_total": len(data), **data.info})
-        scores_path, scores_sha = None, None
-    else:
-        meta = scores.meta
-        ckpt = meta.get("checkpoint")
-        model_name = str(meta.get("model", "unknown"))
-        model_sha, hash_of = meta.get("model_sha256"), meta.get("model_hash_of", "file")
-        model_cfg = _jsonable(meta.get("model_config") or {})
-        data_info = _jsonable(meta.get("data") or {})
-        scores_path, scores_sha = scores.path, scores.sha256
-    nb = math.ceil(num_examples / batch_size)
-    my_batches = shard_batches(nb, shard_t)
-    my_lo = min(my_batches.start * batch_size, num_examples)
-    my_hi = min(my_batches.stop * batch_size, num_examples)
-    total = my_hi - my_lo
-    if total == 0:
-        log.warning("shard %s/%s holds no examples (%d batches for %d shards)", *shard_t, nb, shard_t[1])  # type: ignore[misc]
-    if scores is not None:
-        map_size = (int(scores.scores.shape[-2]), int(scores.scores.shape[-1]))
-    else:
-        map_size = tuple(model.map_size(image_size)) if hasattr(model, "map_size") else (0, 0)  # type: ignore[union-attr]
-    H, W = map_size
-    for pp in patch_plans:
-        for w in pp.windows:
-            if H and (w[0] > H or w[1] > W):
-                log.warning("patch %s: window %dx%d is larger than the %dx%d score map; nothing can be certified",
-                            pp.text, w[0], w[1], H, W)
-    config = {
-        "format": 1,
-        "model": model_name, "model_sha256": model_sha, "model_config": model_cfg,
-        "scores_sha256": scores_sha, "data": data_info, "start": start, "num_examples": num_examples,
-        "total": num_examples, "defenses": [{"key": p.key, "config": p.config} for p in defense_plans],
-        "patches": [{"patch": p.text, "resolved": p.resolved, "windows": [list(w) for w in p.windows]}
-                    for p in patch_plans],
-        "dtype": dtype_name, "batch_size": batch_size, "save_scores": bool(save_scores),
-        "square_cap": square_cap, "square_method": square_method,
-        "geometry": geometry.to_dict(), "image_size": list(image_size),
-        "shard": list(shard_t) if shard_t else None,
-    }
-    config = _jsonable(config)
-
-    # ---- the run directory ------------------------------------------------------------
-    run_dir: Path | None = None
-    done_records: list[ExampleRecord] = []
-    timing: dict[str, float] = {}
-    if out_dir is not None:
-        run_dir = Path(out_dir) / shard_dirname(*shard_t) if shard_t else Path(out_dir)
-        top = Path(out_dir)
-        if shard_t is None and top.is_dir() and any(top.glob("shard-*-of-*")):
-            raise PatchcertError(f"{top} holds a sharded run: continue it with --shard i/n, or merge it with "
-                                 f"patchcert certify --merge {top}")
-        if shard_t is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
-            raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
-        has_run = (run_dir / CONFIG_FILE).exists() or (run_dir / RECORDS_FILE).exists()
-        if has_run and not resume:
-            raise PatchcertError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if has_run:
-            old = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
-            if old is not None and old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise PatchcertError(f"cannot resume {run_dir}: it was made with different {', '.join(diff)}")
-            done_records = repair_records(run_dir / RECORDS_FILE)
-            expect = list(range(start + my_lo, start + my_lo + len(done_records)))
-            if scores is not None:
-                expect = scores.indices[start + my_lo:start + my_lo + len(done_records)].tolist()
-            if [r.index for r in done_records] != expect:
-                raise PatchcertError(f"cannot resume {run_dir}: records.jsonl does not hold the first examples "
-                                     "of this run in order")
-            if len(done_records) > total:
-                raise PatchcertError(f"cannot resume {run_dir}: it holds more records than the run selects")
-            prog_p = run_dir / PROGRESS_FILE
-            if prog_p.exists():
-                timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
-            log.info("resuming %s: %d/%d examples done", run_dir, len(done_records), total)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in (SUMMARY_FILE, SUMMARY_CSV):  # a finished run is only finished once rewritten
-            (run_dir / f).unlink(missing_ok=True)
-        write_json(run_dir / CONFIG_FILE, config)
-        (run_dir / RECORDS_FILE).touch()
-        write_json(run_dir / PROGRESS_FILE, {"done": len(done_records), "total": total, "complete": False,
-                                             "timing": timing})
-
-    # ---- the loop ---------------------------------------------------------------------
-    timer = _Timer(dev, timing)
-    records: list[ExampleRecord] = list(done_records)
-    ndone = len(done_records)
-    if progress is not None:
-        progress(ndone, total)
-    was_training = None
-    if model is not None:
-        was_training = model.training
-        model.to(dev).eval()
-    parts_dir = run_dir / "scores.parts" if run_dir is not None else None
-    if save_scores and parts_dir is not None:
-        parts_dir.mkdir(exist_ok=True)
-    todo = [b for b in my_batches if min((b + 1) * batch_size, num_examples) - my_lo > ndone]  # not fully recorded
-    images = None
-    if scores is None:
-        from .loader import load_batches
-
-        images = load_batches(data, [range(start + b * batch_size, start + min((b + 1) * batch_size, num_examples))  # type: ignore[arg-type]
-                                     for b in todo], num_workers, pin_memory=dev.type == "cuda")
-    try:
-        with torch.no_grad(), precise_math():
-            for b in todo:
-                lo, hi = b * batch_size, min((b + 1) * batch_size, num_examples)
-                pos = torch.arange(start + lo, start + hi)
-                if images is not None:
-                    xb, y, idx = next(images)
-                    x = to_float(xb.to(dev, non_blocking=dev.type == "cuda"))
-                    timer.sync()
-                    t0 = time.perf_counter()
-                    smap = model.score_map(x)  # type: ignore[union-attr]
-                    timer.sync()
-                    timer.add("forward", time.perf_counter() - t0)
-                    timer.add("forward_images", float(len(pos)))
-                    what = "model produced"
-                else:
-                    smap = scores.scores[pos].to(dev)
-                    y = scores.labels[pos]
-                    idx = scores.indices[pos]
-                    what = "score file holds"
-                if smap.dim() != 4 or smap.shape[1] != num_classes or not smap.is_floating_point():
-                    raise PatchcertError(f"score maps of shape {tuple(smap.shape)} ({smap.dtype}); expected float "
-                                         f"[N, {num_classes}, H, W]")
-                fin = torch.isfinite(smap).flatten(1).all(1)
-                if not bool(fin.all()):
-                    raise PatchcertError(f"{what} NaN/Inf scores for example {int(idx[_first_bad(fin)])}")
-                if save_scores and parts_dir is not None:
-                    save_tensors(parts_dir / f"{lo:09d}.safetensors",
-                                 {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
-                # never round the map down: a float64 model is certified on its float64 scores
-                sdef = smap.to(torch.promote_types(smap.dtype, dtype))
-                tables = {}
-                for dp in pixel_plans:  # double masking: the model on every two-mask image
-                    timer.sync()
-                    t0 = time.perf_counter()
-                    tables[dp.key] = dp.defense.table(model, x, dp.mask_set)
-                    timer.sync()
-                    timer.add(f"{dp.key}|table", time.perf_counter() - t0)
-                batch_records = certify_batch(sdef, y.to(dev), idx.tolist(), defense_plans, patch_plans,
-                                              squares, timer, square_method, tables=tables)
-                timer.add("images", float(len(pos)))
-                new = batch_records[ndone - (lo - my_lo):] if lo - my_lo < ndone else batch_records
-                if run_dir is not None:
-                    append_records(run_dir / RECORDS_FILE, new)
-                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new), "total": total, "complete": False,
-                                                         "timing": timer.totals})
-                records.extend(new)
-                ndone += len(new)
-                if progress is not None:
-                    progress(ndone, total)
-    finally:
-        if images is not None:
-            images.close()  # stops DataLoader workers early if the loop raised
-        if model is not None and was_training:
-            model.train(True)
-
-    # ---- summary ----------------------------------------------------------------------
-    tot = timer.totals
-    imgs = tot.get("images", 0.0)
-
-    def per_img(key: str, n: float | None = None) -> float | None:
-        n = imgs if n is None else n
-        return tot[key] / n if key in tot and n else None
-
-    template = [
-        ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
-                  windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
-                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
-        for dp in defense_plans for pp in patch_plans
-    ]
-    selection = records[0].index if records else None
-    md = RunMetadata(
-        model=model_name, model_sha256=model_sha, checkpoint=str(ckpt) if ckpt else None, data=data_info,
-        num_examples=len(records), seed=seed, device=str(dev), dtype=dtype_name, versions=versions(),
-        forward_seconds_per_image=per_img("forward", tot.get("forward_images")),
-        geometry=geometry.to_dict(), image_size=list(image_size), command=command, model_hash_of=str(hash_of),
-        model_config=model_cfg, num_classes=num_classes, classes=classes,
-        map_size=list(map_size),
-        scores_file=scores_path, scores_sha256=scores_sha, start=start,
-        indices=[selection, records[-1].index] if records else [],
-        batch_size=batch_size, square_cap=square_cap, shard=list(shard_t) if shard_t else None,
-        defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
-                                            "largest_square": per_img(f"{dp.key}|largest_square"),
-                                            **({"masked_forward": per_img(f"{dp.key}|table")} if dp.on_pixels
-                                               else {})}
-                                   for dp in defense_plans},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    summary = summarize(records, template, md)
-    if run_dir is not None:
-        if save_scores and parts_dir is not None:
-            _join_score_parts(parts_dir, run_dir / SCORES_FILE, {
-                "format": 1, "geometry": geometry.to_dict(), "image_size": list(image_size), "model": model_name,
-                "model_sha256": model_sha, "model_hash_of": hash_of, "model_config": model_cfg,
-                "checkpoint": str(ckpt) if ckpt else None, "classes": classes, "data": data_info,
-                "shard": list(shard_t) if shard_t else None,
-            }, total)
-        write_summary(run_dir, summary)
-        write_json(run_dir / PROGRESS_FILE, {"done": ndone, "total": total, "complete": True, "timing": timer.totals})
-        if shard_t:
-            log.info("shard %d/%d finished; merge all shards with: patchcert certify --merge %s",
-                     shard_t[0], shard_t[1], out_dir)
-    return CertifyRun(summary, records, run_dir, config)
+    job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
+                    out_dir, save_scores, square_cap, square_method, seed, command)
+    job.num_workers = num_workers
+    with contextlib.ExitStack() as stack:
+        run_dir: Path | None = None
+        done: list[ExampleRecord] = []
+        timing: dict[str, float] = {}
+        if out_dir is not None:
+            run_dir = _hold_run(stack, out_dir, job.shard, lock)
+            done, timing = _resume_records(job, run_dir, resume)
+            _start_run_dir(job, run_dir, done, timing)
+        timer = _Timer(job.device, timing)
+        records = _certify_loop(job, run_dir, done, timer, progress)
+        summary = _summary(job, records, timer)
+        if run_dir is not None:
+            _finish_run_dir(job, run_dir, summary, len(records), timer)
+            if job.shard:
+                log.info("shard %d/%d finished; merge all shards with: patchcert certify --merge %s",
+                         job.shard[0], job.shard[1], out_dir)
+    return CertifyRun(summary, records, run_dir, job.config)
 
 
 def _join_score_parts(parts_dir: Path, dest: Path, meta: dict[str, Any], expect: int) -> None:

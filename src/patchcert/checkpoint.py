@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "save_checkpoint",
+    "portable_metadata",
     "load_checkpoint",
     "load_model",
     "read_metadata",
@@ -133,9 +134,24 @@ def model_metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
     return meta
 
 
+def portable_metadata(obj: Any) -> Any:
+    """``obj`` with every absolute path replaced by its last component (``/home/me/data/cifar-10-batches-py``
+    -> ``cifar-10-batches-py``): a checkpoint must not carry the layout of the machine it was
+    trained on. Relative paths (``runs/x``) and other strings are kept."""
+    if isinstance(obj, dict):
+        return {k: portable_metadata(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_metadata(v) for v in obj]
+    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~")):
+        return Path(obj).name
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, write_json: bool = True, **meta: Any) -> dict[str, Any]:
-    """Save model weights + metadata (``classes``, ``data``, ``epoch``, ``metrics``, ...)."""
-    md = model_metadata(model, **meta)
+    """Save model weights + metadata (``classes``, ``data``, ``epoch``, ``metrics``, ...).
+
+    Absolute paths in the metadata are reduced to their last component (:func:`portable_metadata`)."""
+    md = portable_metadata(model_metadata(model, **meta))
     save_tensors(path, model.state_dict(), md)
     if write_json:
         atomic_write_text(Path(path).with_suffix(".json"), json.dumps(md, indent=2, sort_keys=True) + "\n")

@@ -184,6 +184,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # protocol 5 (re-pickled batches): arrays come back through numpy's _frombuffer,
+        # i.e. np.frombuffer(bytes, dtype).reshape(shape) -- rebuilds an array, runs nothing else
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
         ("builtins", "bytearray"),
     }
@@ -311,6 +315,8 @@ def decode_image(path: str | os.PathLike, resize: int, out_size: int) -> torch.T
             left, top = (w - out_size) // 2, (h - out_size) // 2
             im = im.crop((left, top, left + out_size, top + out_size))
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused to decode ({e})") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 

@@ -805,10 +805,9 @@ def make_report(
     bad_ex = [e for e in examples if not isinstance(e, int) or e < 0]
     if bad_ex:
         raise PatchcertError(f"example indices must be non-negative integers, got {bad_ex}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PatchcertError(f"--out {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    from .rundir import prepare
+
+    out = prepare(out_dir)
     rows = report_rows(loaded, att)
     res = ReportOutput(rows=rows)
     md_table = rows_to_markdown(rows)

@@ -53,6 +53,7 @@ import torch
 
 from .checkpoint import atomic_write_text, file_sha256, load_tensors, save_tensors
 from .errors import PatchcertError
+from .rundir import append_jsonl, hold, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -214,73 +215,28 @@ def records_to_jsonl(records: Iterable[ExampleRecord]) -> str:
 
 def append_records(path: str | os.PathLike, records: Sequence[ExampleRecord]) -> None:
     """Append records to a JSONL file durably (one write, flush, fsync)."""
-    if not records:
-        return
-    data = records_to_jsonl(records).encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, [r.to_line() for r in records])
 
 
-def _parse_lines(path: Path, text: str, allow_partial_tail: bool) -> tuple[list[ExampleRecord], int]:
-    """Records of a JSONL text and the byte length of its complete prefix."""
-    records: list[ExampleRecord] = []
-    pos = 0
-    raw = text.encode("utf-8")
-    lines = raw.split(b"\n")
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        if last:
-            if line.strip():
-                if allow_partial_tail:
-                    log.warning("%s: dropping an unfinished last line (%d bytes)", path, len(line))
-                    break
-                raise PatchcertError(f"{path}: last line is unfinished (an interrupted run? use --resume)")
-            break
-        if not line.strip():
-            pos += len(line) + 1
-            continue
+def _records(path: str | os.PathLike, objs: list[dict[str, Any]]) -> list[ExampleRecord]:
+    out = []
+    for i, d in enumerate(objs):
         try:
-            records.append(ExampleRecord.from_json(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PatchcertError(f"{path}: line {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
-        pos += len(line) + 1
-    return records, pos
+            out.append(ExampleRecord.from_json(d))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
+    return out
 
 
 def read_records(path: str | os.PathLike, allow_partial_tail: bool = False) -> list[ExampleRecord]:
     """All records of a ``records.jsonl``. An unfinished last line (an interrupted write) is an
     error unless ``allow_partial_tail``, in which case it is dropped."""
-    p = Path(path)
-    if not p.is_file():
-        raise PatchcertError(f"records file {str(p)!r} does not exist")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise PatchcertError(f"{p}: records file is not UTF-8 text") from None
-    return _parse_lines(p, text, allow_partial_tail)[0]
+    return _records(path, read_jsonl(path, "drop" if allow_partial_tail else "error"))
 
 
 def repair_records(path: str | os.PathLike) -> list[ExampleRecord]:
     """Drop an unfinished last line in place (truncate) and return the complete records."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        # a torn multi-byte sequence can only sit in the unfinished tail
-        cut = raw.rfind(b"\n") + 1
-        text = raw[:cut].decode("utf-8", errors="strict")
-    records, keep = _parse_lines(p, text, allow_partial_tail=True)
-    if keep != len(raw):
-        with open(p, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    return records
+    return _records(path, read_jsonl(path, "repair"))
 
 
 # -- summaries ---------------------------------------------------------------------------
@@ -449,21 +405,6 @@ def summarize(records: Sequence[ExampleRecord], template: Sequence[ResultRow], m
 
 
 # -- JSON / CSV files --------------------------------------------------------------------
-
-def read_json(path: str | os.PathLike) -> Any:
-    p = Path(path)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PatchcertError(f"{str(p)!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PatchcertError(f"{p}: corrupt JSON ({e})") from None
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic, pretty JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
 
 _CSV_FIELDS = ["defense", "patch", "resolved", "clean_accuracy", "certified_accuracy", "n", "num_correct",
                "num_certified", "certify_seconds_per_image", "windows", "defense_config", "shapes"]
@@ -639,6 +580,16 @@ def merge_shards(run_dir: str | os.PathLike, write: bool = True) -> tuple[Summar
     per-image average over all shards.
     """
     d = Path(run_dir)
+    if not write:
+        return _merge(d)
+    with hold(d, "exclusive", option="run folder", clean=False):  # no shard may be running
+        summary, all_records, shards, configs = _merge(d, details=True)
+        _write_merged(d, shards, configs, summary, all_records)
+    return summary, all_records
+
+
+def _merge(d: Path, details: bool = False):
+    """Merge the shards of ``d`` in memory: ``(summary, records)`` (+ shards, configs)."""
     shards = find_shards(d)
     if not shards:
         raise PatchcertError(f"{d}: no shard directories (shard-i-of-n) to merge")
@@ -689,27 +640,31 @@ def merge_shards(run_dir: str | os.PathLike, write: bool = True) -> tuple[Summar
                     for part in parts}
     md.defense_seconds_per_image = dsp
     summary = summarize(all_records, template, md)
-    if write:
-        from datetime import datetime, timezone
+    return (summary, all_records, shards, configs) if details else (summary, all_records)
 
-        md.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for f in (SUMMARY_FILE, PROGRESS_FILE):
-            (d / f).unlink(missing_ok=True)  # incomplete until the end
-        atomic_write_text(d / RECORDS_FILE, records_to_jsonl(all_records))
-        cfg = dict(configs[0])
-        cfg["shard"] = None
-        write_json(d / CONFIG_FILE, cfg)
-        parts = [p / SCORES_FILE for p in shards.values()]
-        if all(p.is_file() for p in parts):
-            sfs = [load_scores(p) for p in parts]
-            order = torch.argsort(torch.cat([s.indices for s in sfs]))
-            meta = dict(sfs[0].meta)
-            meta.pop("shard", None)
-            save_scores(d / SCORES_FILE, torch.cat([s.scores for s in sfs])[order],
-                        torch.cat([s.labels for s in sfs])[order], torch.cat([s.indices for s in sfs])[order], meta)
-        elif any(p.is_file() for p in parts):
-            log.warning("only some shards saved scores; %s/%s not written", d, SCORES_FILE)
-        write_summary(d, summary)
-        write_json(d / PROGRESS_FILE, {"done": len(all_records), "total": len(all_records), "complete": True,
-                                       "merged_from": n_sh})
-    return summary, all_records
+
+def _write_merged(d: Path, shards: dict[int, Path], configs: list[dict[str, Any]], summary: Summary,
+                  all_records: list[ExampleRecord]) -> None:
+    from datetime import datetime, timezone
+
+    n_sh = len(shards)
+    summary.metadata.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for f in (SUMMARY_FILE, PROGRESS_FILE):
+        (d / f).unlink(missing_ok=True)  # incomplete until the end
+    atomic_write_text(d / RECORDS_FILE, records_to_jsonl(all_records))
+    cfg = dict(configs[0])
+    cfg["shard"] = None
+    write_json(d / CONFIG_FILE, cfg)
+    parts = [p / SCORES_FILE for p in shards.values()]
+    if all(p.is_file() for p in parts):
+        sfs = [load_scores(p) for p in parts]
+        order = torch.argsort(torch.cat([s.indices for s in sfs]))
+        meta = dict(sfs[0].meta)
+        meta.pop("shard", None)
+        save_scores(d / SCORES_FILE, torch.cat([s.scores for s in sfs])[order],
+                    torch.cat([s.labels for s in sfs])[order], torch.cat([s.indices for s in sfs])[order], meta)
+    elif any(p.is_file() for p in parts):
+        log.warning("only some shards saved scores; %s/%s not written", d, SCORES_FILE)
+    write_summary(d, summary)
+    write_json(d / PROGRESS_FILE, {"done": len(all_records), "total": len(all_records), "complete": True,
+                                   "merged_from": n_sh})

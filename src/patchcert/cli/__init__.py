@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:
-        try:
-            mod = importlib.import_module(f".{verb}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{verb}":
-                continue  # verb not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(f".{verb}", __name__).register(sub)
     return p
 
 
@@ -51,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     except PatchcertError as e:
         print(f"patchcert {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"patchcert {args.verb}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `patchcert models --json | head`
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         return 0
+    except OSError as e:  # a full disk, a read-only --out, a file where a folder should be ...
+        from ..rundir import os_error_message
+
+        print(f"patchcert {args.verb}: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"patchcert {args.verb}: error: out of memory (try a smaller --batch-size or model)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"patchcert {args.verb}: interrupted (finished work is saved; rerun with --resume)", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PatchcertError
+from ..rundir import append_jsonl, check_resume, hold, read_jsonl
 
 log = logging.getLogger("patchcert.cli.attack")
 
@@ -115,37 +116,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "x"
 
 
-def _read_done(path: Path) -> list[dict]:
-    """Complete records of an interrupted run (an unfinished last line is dropped)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw.rfind(b"\n") + 1
-    out = []
-    for i, line in enumerate(raw[:keep].split(b"\n")):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise PatchcertError(f"{path}: line {i + 1} is not valid JSON; start a fresh run") from None
-    if keep != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return out
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    import os
-
-    if not records:
-        return
-    data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode()
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save_png(path: Path, image, adv, votes_clean, votes_adv, res_i: dict, label: int, pred: int,
               classes: list[str], defense_key: str, patch: str, certified: bool, reach, what: str = "votes") -> None:
     """Original (patch outlined) / attacked / the target class's region scores (votes for
@@ -229,12 +199,8 @@ def _print_table(summary: dict) -> None:
 # -- the verb ----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..attacks import affected_mask, attack_and_check
-    from ..report import region_scores
     from ..certify import DTYPES, _state_dict_sha256, plan_threat
-    from ..checkpoint import atomic_write_text, file_sha256, versions
+    from ..checkpoint import file_sha256
     from ..data import to_float
     from ..loader import load_batches
     from ..runtime import harden, resolve_device
@@ -290,21 +256,23 @@ def run(args: argparse.Namespace) -> int:
     }
     config = json.loads(json.dumps(config, default=str))
     out = Path(args.out or f"runs/attack-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    with hold(out):  # one process per run folder, for the whole run
+        return _run_held(args, out, config, model, data, geom, defenses, patches, cfg, dtype, device, n)
+
+
+def _run_held(args, out: Path, config: dict, model, data, geom, defenses, patches, cfg, dtype, device, n: int) -> int:
+    import torch
+
+    from ..attacks import affected_mask, attack_and_check
+    from ..checkpoint import atomic_write_text, versions
+    from ..data import to_float
+    from ..report import region_scores
+
     done: list[dict] = []
-    if (out / CONFIG).exists() or (out / RECORDS).exists():
-        if not args.resume:
-            raise PatchcertError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        try:
-            old = json.loads((out / CONFIG).read_text())
-        except (OSError, json.JSONDecodeError):
-            raise PatchcertError(f"cannot resume {out}: config.json is missing or corrupt") from None
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise PatchcertError(f"cannot resume {out}: it was made with different {', '.join(diff)}")
-        done = _read_done(out / RECORDS)
+    if check_resume(out, config, args.resume, CONFIG, markers=(CONFIG, RECORDS)):
+        done = read_jsonl(out / RECORDS, tail="repair")
         if [r.get("index") for r in done] != list(range(args.start, args.start + len(done))):
             raise PatchcertError(f"cannot resume {out}: records.jsonl does not hold the first examples in order")
-    out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY).unlink(missing_ok=True)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
     (out / RECORDS).touch()
@@ -367,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
                                       x[k].cpu(), res.adv_images[k].cpu(), ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e,
                                       int(y[k]), int(pred[k]), classes, dp.key, pp.text, bool(chk.certified[k]), reach,
                                       what)
-            _append(out / RECORDS, batch)
+            append_jsonl(out / RECORDS, [json.dumps(r, separators=(",", ":"), allow_nan=False) for r in batch])
             records.extend(batch)
             if bar is not None:
                 bar.update(len(batch))

@@ -4,6 +4,7 @@ requested defense and patch; resumable, shardable (``--shard``, torchrun), merge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -143,7 +144,7 @@ def _checkpoint_dataset(model: Any) -> str | None:
     ds = data.get("dataset")
     if ds in ("cifar10", "imagenette", "imagenet", "synthetic"):
         return ds
-    if ds == "imagefolder" and data.get("root"):
+    if ds == "imagefolder" and data.get("root") and Path(str(data["root"])).is_absolute():  # older checkpoints
         return f"imagefolder:{data['root']}"
     return None
 
@@ -291,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..certify import certify_dataset, parse_shard
     from ..results import load_scores, merge_shards
+    from ..rundir import hold_for_job
     from ..runtime import harden, resolve_device
 
     if args.merge:
@@ -351,24 +353,26 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
         command = "patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        try:
-            result = certify_dataset(
-                model, data, scores=sf, defenses=args.defense or _default_defenses(model),
-                patches=args.patch or ["5x5"],
-                batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
-                start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
-                square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
-                num_workers=args.workers)
-        finally:
-            if bar is not None:
-                bar.close()
-        if distributed:
-            torch.distributed.barrier()
-            if rank != 0:
+        with contextlib.ExitStack() as stack:
+            if distributed:  # rank 0 holds RUN for the whole job (every rank stops if it is busy)
+                stack.enter_context(hold_for_job(out))
+            try:
+                result = certify_dataset(
+                    model, data, scores=sf, defenses=args.defense or _default_defenses(model), patches=args.patch or ["5x5"],
+                    batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
+                    start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
+                    square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
+                    num_workers=args.workers, lock=not distributed)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if distributed:
+                torch.distributed.barrier()
+                if rank != 0:
+                    return 0
+                summary, _ = merge_shards(out)
+                _emit(summary, args, Path(out))
                 return 0
-            summary, _ = merge_shards(out)
-            _emit(summary, args, Path(out))
-            return 0
         if shard is not None:
             print(f"shard {shard[0]}/{shard[1]} done in {result.out_dir}; when all shards are done: "
                   f"patchcert certify --merge {out}", file=sys.stderr)

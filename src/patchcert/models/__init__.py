@@ -1,6 +1,6 @@
 """Region scorers (small-receptive-field models) and their registry."""
 
-from .registry import create_model, list_models, model_entrypoint, register_model
+from .registry import count_parameters, create_model, list_models, model_entrypoint, register_model
 from .base import ScoreMapModel, trace_geometry
 from . import bagcert  # noqa: F401  (registers bagcert_cifar, bagcert_imagenet)
 from . import bagnet  # noqa: F401  (registers bagnet9, bagnet17, bagnet33)
@@ -10,6 +10,7 @@ from . import fastnet  # noqa: F401  (registers fastnet_cifar)
 from .ds import ablate, random_ablate
 
 __all__ = [
+    "count_parameters",
     "create_model",
     "list_models",
     "model_entrypoint",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import logging
+import os
+from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from ..errors import PatchcertError
 
-__all__ = ["register_model", "create_model", "list_models", "model_entrypoint"]
+__all__ = ["register_model", "create_model", "list_models", "model_entrypoint", "count_parameters"]
+
+log = logging.getLogger(__name__)
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -53,4 +58,39 @@ def create_model(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
                 f"model {name!r} does not take option(s) {', '.join(unknown)}; "
                 f"it takes: {', '.join(p for p in params if p != 'num_classes')}"
             )
+    _check_size(name, fn, num_classes, cfg)
     return fn(num_classes=num_classes, **cfg)
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (64 GiB if it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 64 << 30
+
+
+def count_parameters(name: str, num_classes: int, **cfg: Any) -> int | None:
+    """Parameters + buffers of ``create_model(name, num_classes, **cfg)``, counted on the meta
+    device (nothing is allocated). None when the factory cannot run on the meta device."""
+    fn = model_entrypoint(name)
+    try:
+        with torch.device("meta"):
+            m = fn(num_classes=num_classes, **cfg)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. an op without a meta kernel
+        log.debug("cannot size %s on the meta device (%s)", name, e)
+        return None
+    return sum(t.numel() for t in m.parameters()) + sum(t.numel() for t in m.buffers())
+
+
+def _check_size(name: str, fn: Callable[..., nn.Module], num_classes: int, cfg: dict[str, Any]) -> None:
+    """Refuse, before allocating anything, a model whose float32 weights alone exceed the memory."""
+    n = count_parameters(name, num_classes, **cfg)
+    if n is None:
+        return
+    need, have = 4 * n, _memory_bytes()
+    if need > have:
+        opts = ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+        raise PatchcertError(f"model {name!r}{f' ({opts})' if opts else ''} would have {n:.3g} parameters "
+                             f"({need / 2**30:.3g} GiB in float32), more than this machine's "
+                             f"{have / 2**30:.3g} GiB of memory; choose a smaller model")

@@ -55,6 +55,7 @@ after DDP wrapping); ``sync_bn`` uses ``nn.SyncBatchNorm`` on CUDA and the gloo-
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -62,6 +63,7 @@ import logging
 import math
 import os
 import time
+import sys
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -79,7 +81,13 @@ from ..loader import (STREAM_OBJECTIVE, EpochBatchSampler, TrainView, default_wo
                       load_batches, make_loader)
 from ..models import create_model
 from ..runtime import math_mode, precise_math
+from ..rundir import hold_for_job
 from .objectives import OBJECTIVES, Objective, create_objective
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +156,6 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
         """Read a TOML (``.toml``) or JSON config file."""
-        import tomllib
-
         p = Path(path)
         if not p.is_file():
             raise PatchcertError(f"config file {str(p)!r} does not exist")
@@ -482,6 +488,14 @@ def init_weights(model: nn.Module, path: str | os.PathLike) -> tuple[list[str], 
     return loaded, kept
 
 
+def _same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two datasets read the same images: the same folder, and for CIFAR-10 (whose
+    train and test batches share one folder) the same split."""
+    if not a.get("root") or a.get("root") != b.get("root"):
+        return False
+    return a.get("dataset") != "cifar10" or a.get("split") == b.get("split")
+
+
 # -- the loop -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -513,7 +527,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(hold_for_job(out))  # one process (or one torchrun job) per run folder
         state_path = out / "state.safetensors"
         # checked on every rank (same file system): a rank that raised alone would hang the others
         saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
@@ -541,7 +557,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
             train_set = train_set.load()  # type: ignore[attr-defined]  # loader = "memory": decode everything now
         workers = cfg.data_workers if cfg.data_workers is not None else default_workers(train_set)
         eval_workers = cfg.data_workers if cfg.data_workers is not None else default_workers(eval_set)
-        if train_set.info.get("root") and train_set.info.get("root") == eval_set.info.get("root"):
+        if _same_images(train_set.info, eval_set.info):
             log.warning("training and evaluating on the same images (%s)", train_set.info["root"])
 
         torch.manual_seed(cfg.seed)
@@ -696,6 +712,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
                 break
         return metrics
     finally:
+        held.close()
         if started_dist:
             torch.distributed.destroy_process_group()
 
