@@ -10,6 +10,7 @@ import logging
 
 from .errors import CheckpointError, DataError, PatchcertError
 from .geometry import Geometry, PatchSpec, feature_window, parse_patch, patch_windows
+from .defenses import create_defense, list_defenses, register_defense
 from .models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -29,11 +30,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "create_defense",
+    "list_defenses",
+    "register_defense",
 ]
-
-try:  # the certification core; present once patchcert.defenses is built
-    from .defenses import create_defense, list_defenses  # noqa: F401
-
-    __all__ += ["create_defense", "list_defenses"]
-except ImportError:  # pragma: no cover
-    pass

@@ -36,6 +36,7 @@ import torch.nn as nn
 from . import rundir
 from .checkpoint import file_sha256, load_tensors, save_tensors, versions
 from .data import ImageSource, to_float
+from .defenses import Defense, create_defense
 from .errors import PatchcertError
 from .geometry import Geometry, PatchSpec, parse_patch
 from .runtime import precise_math
@@ -174,25 +175,6 @@ class DefensePlan:
         return self.mask_set is not None
 
 
-def _defense_key(d: Any, spec: DefenseSpec | None) -> str:
-    key = getattr(d, "key", None)
-    if isinstance(key, str) and key:
-        return key
-    if spec is not None and not spec.params:
-        return spec.name
-    return str(spec.text if spec is not None else type(d).__name__)
-
-
-def _defense_config(d: Any, spec: DefenseSpec | None) -> dict[str, Any]:
-    cfg = getattr(d, "config", None)
-    if isinstance(cfg, Mapping):
-        return _jsonable(dict(cfg))
-    out: dict[str, Any] = {"name": spec.name if spec else type(d).__name__}
-    if spec is not None:
-        out.update(_jsonable(spec.params))
-    return out
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x) for k, x in v.items()}
@@ -255,8 +237,6 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
     smoothing's bands): specs that do not say ``wrap`` get ``wrap=True``, and a defense with
     ``wrap=False`` is refused -- it would skip the wrapping placements, an unsound certificate.
     """
-    from .defenses import create_defense
-
     if not specs:
         raise PatchcertError("no defense given")
     plans: list[DefensePlan] = []
@@ -282,18 +262,16 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
                 raise PatchcertError(f"defense {spec.text!r}: {e}") from None
             except (TypeError, ValueError) as e:
                 raise PatchcertError(f"defense {spec.text!r}: bad parameters ({e})") from None
-        else:
+        elif isinstance(s, Defense):
             spec, d = None, s
-        for meth in ("predict", "certify", "certify_details"):
-            if not callable(getattr(d, meth, None)):
-                raise PatchcertError(f"defense {s!r} has no {meth}()")
-        if wrap and not getattr(d, "wrap", False):
+        else:
+            raise PatchcertError(f"a defense must be a spec string like 'voting' or a patchcert Defense, got {s!r}")
+        if wrap and not d.wrap:
             raise PatchcertError(f"defense {spec.text if spec else d!s}: the score map's windows wrap around its edges "
                                  "(geometry.wrap); wrap=false would miss placements")
-        key = _defense_key(d, spec)
-        if any(p.key == key for p in plans):
-            raise PatchcertError(f"defense {key!r} requested twice")
-        plans.append(DefensePlan(key, d, _defense_config(d, spec), spec.text if spec else key))
+        if any(p.key == d.key for p in plans):
+            raise PatchcertError(f"defense {d.key!r} requested twice")
+        plans.append(DefensePlan(d.key, d, _jsonable(d.config), spec.text if spec else d.key))
     return plans
 
 

@@ -591,12 +591,8 @@ def plot_bounds(rows: Sequence[ReportRow], path: str | os.PathLike) -> bool:
 # -- vulnerability maps (Fig. 6) ----------------------------------------------------------
 
 def region_scores(defense: Any, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Per-cell evidence the defense sums ``[N, K, H, W]`` and its name."""
-    for attr, what in (("votes", "votes"), ("clipped", "clipped scores"), ("features_of", "clipped features")):
-        fn = getattr(defense, attr, None)
-        if callable(fn):
-            return fn(scores).to(torch.float64), what
-    return scores.to(torch.float64), "scores"
+    """Per-cell evidence the defense sums ``[N, K, H, W]`` (float64) and what it is called."""
+    return defense.evidence(scores).to(torch.float64), defense.evidence_name
 
 
 def _load_images(meta: RunMetadata, indices: Sequence[int], data_dir: str | os.PathLike | None
@@ -706,7 +702,7 @@ def plot_vulnerability(
             shapes = [tuple(map(int, t.split("x"))) for t in r.resolved.split(",") if _RECT.match(t)]
             shape = next((sh for sh in shapes if geom.window(sh) == win), shapes[0] if shapes else (1, 1))
             ev, what = region_scores(d, s)
-            mm = d.margin_map(s, y, win)[0] if callable(getattr(d, "margin_map", None)) else None
+            mm = d.margin_map(s, y, win)[0]
             # panel 1: the image with the pixel patch of the worst placement
             a0, a1, a2 = ax
             if idx in images:
@@ -737,7 +733,7 @@ def plot_vulnerability(
                 flat = int(torch.nan_to_num(mm, nan=float("inf")).flatten().argmin())
                 wr, wc = divmod(flat, mm.shape[1])
                 a2.add_patch(Rectangle((wc - 0.5, wr - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
-                aw = (s.shape[2] - mm.shape[0] + 1, s.shape[3] - mm.shape[1] + 1) if not d.wrap else win
+                aw = tuple(d.analysis_window(win))
                 a1.add_patch(Rectangle((wc - 0.5, wr - 0.5), aw[1], aw[0], fill=False, edgecolor="red", linewidth=1.8))
                 py = int(pixel_start(geom, 0, torch.tensor([wr]), aw[0], shape[0], H_img)[0])
                 px = int(pixel_start(geom, 1, torch.tensor([wc]), aw[1], shape[1], W_img)[0])

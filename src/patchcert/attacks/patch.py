@@ -306,7 +306,7 @@ def patch_attack(
             res.adv_images = x_adv if keep_images else None
             return res
 
-        wrap = bool(getattr(defense, "wrap", False) or geom.wrap)
+        wrap = bool(defense.wrap or geom.wrap)
         cand = select_candidates(defense, clean_scores, labels, windows, wrap, cfg.locations, cfg.targets)
         surrogates = list(cfg.surrogates) if cfg.surrogates else default_surrogates(defense, strong=cfg.restarts > 1)
         surrogates = [resolve_surrogate(s, defense) for s in surrogates]

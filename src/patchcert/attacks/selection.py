@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Geometry
+from ..windows import window_sums
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "evidence",
     "window_sums",
     "class_margins",
     "placement_margins",
@@ -31,56 +31,26 @@ __all__ = [
 ]
 
 
-def evidence(defense: Any, scores: torch.Tensor) -> torch.Tensor:
-    """Per-cell evidence ``[N, K, H, W]`` (float64) whose spatial sum the defense aggregates.
+def class_margins(e: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], wrap: bool = False,
+                  bounds: tuple[float, float | None] = (0.0, 1.0)) -> torch.Tensor:
+    """Worst-case margin per placement and class: ``[N, K, H', W']`` (float64).
 
-    Voting defenses expose ``votes`` (0/1 per cell and class); any other defense falls back
-    to BagCert's sign votes ``1[score >= 0]``. Used only to *rank* attack candidates, never
-    to decide whether an attack succeeded.
-    """
-    fn = getattr(defense, "votes", None)
-    if callable(fn):
-        return fn(scores).to(torch.float64)
-    return (scores >= 0).to(torch.float64)
-
-
-def _pad_wrap(s: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    if wh > 1:
-        s = torch.cat([s, s[:, :, : wh - 1]], 2)
-    if ww > 1:
-        s = torch.cat([s, s[:, :, :, : ww - 1]], 3)
-    return s
-
-
-def window_sums(s: torch.Tensor, window: tuple[int, int], wrap: bool = False) -> torch.Tensor:
-    """Sums of ``s [N, K, H, W]`` over every placement of ``window``: ``[N, K, H', W']``.
-
-    ``H' = H - wh + 1`` (or ``H`` with ``wrap``); top-left indexed. The window is clipped
-    to the map (a window larger than the map has one placement: the whole map).
-    """
-    H, W = s.shape[-2:]
-    wh, ww = min(window[0], H), min(window[1], W)
-    if wrap:
-        s = _pad_wrap(s, wh if window[0] <= H else 1, ww if window[1] <= W else 1)
-    # avg_pool2d with divisor_override=1 is a summed-area computation; float64 keeps it exact
-    return F.avg_pool2d(s, (wh, ww), stride=1, divisor_override=1)
-
-
-def class_margins(e: torch.Tensor, labels: torch.Tensor, window: tuple[int, int], wrap: bool = False) -> torch.Tensor:
-    """BagCert Condition 3.2 margin per placement and class: ``[N, K, H', W']`` (float64).
-
-    For placement P and class c != y: ``(n_y - sum_P e_y) - (n_c - sum_P e_c) - |P|``, i.e. the
-    vote margin if the adversary zeroes y and sets c in every cell of P. ``+inf`` at c == y.
-    ``e`` is per-cell evidence in [0, 1] (votes).
+    For placement P and class c != y: ``(n_y - sum_P e_y + |P| lo) - (n_c - sum_P e_c + |P| hi)``,
+    the margin if the adversary gives y the least and c the most evidence in every cell of P
+    (BagCert Condition 3.2 for votes, ``bounds = (0, 1)``; Clipped BagNet's certificate for
+    clipped scores). ``hi = None`` (unbounded evidence) uses the largest value on each map.
+    ``+inf`` at c == y. ``e`` is the defense's per-cell evidence ``[N, K, H, W]``.
     """
     e = e.to(torch.float64)
     H, W = e.shape[-2:]
     area = min(window[0], H) * min(window[1], W)
+    lo, hi = bounds
+    top = e.flatten(1).amax(1)[:, None, None, None] if hi is None else float(hi)
     n = e.sum((2, 3))  # [N, K]
     sums = window_sums(e, window, wrap)
     rest = n[:, :, None, None] - sums  # evidence the patch cannot touch
     ry = rest.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, *rest.shape[2:]))
-    m = ry - rest - area
+    m = (ry + area * float(lo)) - (rest + area * top)
     own = F.one_hot(labels, e.shape[1]).bool()[:, :, None, None]
     return m.masked_fill(own, float("inf"))
 
@@ -92,29 +62,24 @@ def placement_margins(
     """Worst-case margin per placement ``[N, H', W']``, per (class, placement) ``[N, K, H', W']``,
     and the feature window those placements are of.
 
-    The per-placement margin is the defense's own ``margin_map`` when it has one (exact for
-    that defense; robust masking reports it over its *mask* window's placements, which is then
-    the window returned), else the minimum over classes of :func:`class_margins` on the votes.
-    The per-class margins (used to pick the target class) always come from the votes.
+    The per-placement margin is the defense's own ``margin_map`` (exact for that defense; over
+    the placements of its :meth:`~patchcert.defenses.base.Defense.analysis_window`, e.g. robust
+    masking's mask window, which is then the window returned). The per-class margins (used to
+    pick the target class) come from the defense's evidence and its bounds
+    (:func:`class_margins`). A window larger than the map: the evidence margins alone.
     """
     if e is None:
-        e = evidence(defense, scores)
+        e = defense.evidence(scores)
+    bounds = defense.evidence_bounds()
     H, W = scores.shape[-2:]
-    fn = getattr(defense, "margin_map", None)
-    if callable(fn) and window[0] <= H and window[1] <= W:
-        try:
-            mm = fn(scores, labels, window).to(torch.float64)
-        except (NotImplementedError, ValueError) as err:
-            log.debug("margin_map unavailable (%s); using vote margins", err)
-        else:
-            for win in (window, tuple(getattr(defense, "window", ()) or ())):
-                if len(win) != 2:
-                    continue
-                per_class = class_margins(e, labels, win, wrap)
-                if mm.shape == per_class.shape[:1] + per_class.shape[2:]:
-                    return mm, per_class, (int(win[0]), int(win[1]))
-            log.debug("margin_map of shape %s matches no window; using vote margins", tuple(mm.shape))
-    per_class = class_margins(e, labels, window, wrap)
+    if window[0] <= H and window[1] <= W:
+        awin = tuple(int(v) for v in defense.analysis_window(window))
+        mm = defense.margin_map(scores, labels, window).to(torch.float64)
+        per_class = class_margins(e, labels, awin, wrap, bounds)
+        if mm.shape == per_class.shape[:1] + per_class.shape[2:]:
+            return mm, per_class, (awin[0], awin[1])
+        log.debug("margin_map of shape %s does not match window %s; using evidence margins", tuple(mm.shape), awin)
+    per_class = class_margins(e, labels, window, wrap, bounds)
     return per_class.min(1).values, per_class, window
 
 
@@ -170,7 +135,7 @@ def _select_chunk(
 ) -> Candidates:
     N, K = scores.shape[:2]
     dev = scores.device
-    e = evidence(defense, scores)
+    e = defense.evidence(scores)
     flat_m, flat_pc, meta = [], [], []
     for si, win in enumerate(windows):
         m, pc, awin = placement_margins(defense, scores, labels, win, wrap, e=e)

@@ -66,8 +66,8 @@ def register(sub) -> None:
     a.add_argument("--targets", type=int, help="target classes tried per placement (default 1; strong 2)")
     a.add_argument("--init", choices=["random", "grey", "image"], help="first patch init (default random)")
     a.add_argument("--surrogate", action="append", metavar="NAME",
-                   help="smooth objective per restart (cycled): auto | sigmoid | softmax | threshold | hinge | "
-                        "logits | defense (default: matched to the defense)")
+                   help="smooth objective per restart (cycled): auto | defense (the defense's own relaxation) | "
+                        "sigmoid | softmax | hinge | logits (default: the defense's choice)")
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     r.add_argument("--batch-size", type=int, default=64, help="images per attack batch (default 64)")

@@ -43,20 +43,11 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
-def pretrained_info() -> list[dict[str, Any]] | None:
-    """``patchcert.pretrained.list_pretrained()`` if that module exists, else None."""
-    import importlib
+def pretrained_info() -> list[dict[str, Any]]:
+    """The shipped models (``patchcert.pretrained.list_pretrained()``)."""
+    from ..pretrained import list_pretrained
 
-    try:
-        pretrained = importlib.import_module("patchcert.pretrained")
-    except ModuleNotFoundError as e:
-        if e.name == "patchcert.pretrained":
-            return None
-        raise
-    lister = getattr(pretrained, "list_pretrained", None)
-    if lister is None:
-        return None
-    return [dict(d) for d in lister()]
+    return [dict(d) for d in list_pretrained()]
 
 
 def _fmt_geom(g: dict | None) -> tuple[str, str, str, str]:
@@ -143,9 +134,6 @@ def run(args: argparse.Namespace) -> int:
         opts = ", ".join(f"{k}={v}" for k, v in m["options"].items())
         t.add_row(m["name"], rf, st, wrap, size, opts, m["description"])
     con.print(t)
-    if pre is None:
-        con.print("pretrained models: none (patchcert.pretrained is not available)")
-        return 0
     if not pre:
         con.print("pretrained models: none shipped")
         return 0

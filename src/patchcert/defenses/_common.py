@@ -6,15 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import competitor, extend_periodic, summed_area, window_sums
+from ..windows import box_sums, extend_periodic, summed_area
+from ..windows import table_window_sums as window_sums
+from .base import competitor
 
 __all__ = ["Prepared", "box_sums", "outside_worst"]
-
-
-def box_sums(C: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Sums over every ``a x b`` box inside a summed-area table ``C`` ``[..., R+1, S+1]``:
-    ``[..., R - a + 1, S - b + 1]``."""
-    return window_sums(C, C.shape[-2] - a, C.shape[-1] - b, a, b)
 
 
 @dataclass

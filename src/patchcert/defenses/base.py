@@ -64,9 +64,19 @@ ELEMENT_BUDGET = 1 << 22
 
 
 def register_defense(name: str) -> Callable[[type["Defense"]], type["Defense"]]:
-    """Class decorator: make ``create_defense(name, ...)`` build this class."""
+    """Class decorator: make ``create_defense(name, ...)`` build this class. A name can be
+    registered once (like ``register_model``): a second class under it is an error."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PatchcertError(f"a defense name must be an identifier, got {name!r}")
+    if name in _DEFENSES:
+        raise PatchcertError(f"defense {name!r} is already registered (by {_DEFENSES[name].__module__}."
+                             f"{_DEFENSES[name].__qualname__})")
 
     def deco(cls: type["Defense"]) -> type["Defense"]:
+        if name in _DEFENSES:
+            raise PatchcertError(f"defense {name!r} is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, Defense)):
+            raise PatchcertError(f"register_defense({name!r}): {cls!r} is not a Defense subclass")
         _DEFENSES[name] = cls
         cls.name = name
         return cls
@@ -325,6 +335,53 @@ class Defense:
 
     name: ClassVar[str] = "defense"
     wrap: bool = False
+    #: what :meth:`evidence` holds, for plots ("votes", "clipped scores", ...)
+    evidence_name: ClassVar[str] = "evidence"
+    #: per-cell relaxed evidence lies in [0, 1] (BagCert's margin cap M = 1 applies to the attack)
+    relaxation_bounded: ClassVar[bool] = False
+
+    # -- self-description: what certify, attack, report and training need to know ------------
+    @classmethod
+    def example_configs(cls) -> list[dict[str, Any]]:
+        """Options of representative instances for maps of a few cells (``create_defense(name,
+        **cfg)``); the soundness tests run every registered defense with each of them. An
+        empty list opts a (deliberately broken, test-only) defense out of those tests."""
+        return [{}]
+
+    @torch.no_grad()
+    def evidence(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-cell evidence float64 ``[N, K, H, W]`` whose sums the defense aggregates (votes,
+        clipped scores, clipped features). Default: the values of :meth:`_prepare`."""
+        check_scores(scores)
+        chunk = self._chunk(scores.shape, [])
+        parts = [self._prepare(scores[s : s + chunk]).values.to(torch.float64) for s in range(0, scores.shape[0], chunk)]
+        return torch.cat(parts) if parts else scores.new_zeros(scores.shape, dtype=torch.float64)
+
+    def evidence_bounds(self) -> tuple[float, float | None]:
+        """``(lo, hi)``: the range of one cell's evidence, i.e. what a patch can put in a cell
+        (``hi`` None: unbounded). Used to rank attack candidates."""
+        return (0.0, None)
+
+    def relaxed_evidence(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """A differentiable stand-in for :meth:`evidence` (same shape), for gradient attacks.
+        Default: straight-through (the exact evidence forward, the identity backward)."""
+        with torch.no_grad():
+            hard = self.evidence(scores.detach()).to(scores.dtype)
+        return scores + (hard - scores).detach()
+
+    def relaxed_totals(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Differentiable class totals ``[N, K]`` whose argmax mimics :meth:`predict` (the
+        attack's ``defense`` surrogate climbs their margin). Default: summed relaxed evidence."""
+        return self.relaxed_evidence(scores, temperature).sum((2, 3))
+
+    def attack_surrogates(self, strong: bool) -> list[str]:
+        """Smooth objectives per attack restart (see ``patchcert.attacks.surrogate``)."""
+        return ["defense", "logits"] if strong else ["defense"]
+
+    def analysis_window(self, window: Window) -> Window:
+        """The window whose placements the certificate for patch window ``window`` runs over
+        (and :meth:`margin_map` is indexed by): the window itself, or e.g. a mask window."""
+        return self._analysis_window(check_window(window))
 
     # -- public API --------------------------------------------------------------------
     @torch.no_grad()
@@ -546,32 +603,6 @@ def check_exact(mass: float, grid: float, what: str) -> None:
         )
 
 
-def extend_periodic(x: torch.Tensor, eh: int, ew: int) -> torch.Tensor:
-    """Append the first ``eh`` rows and ``ew`` columns (cyclically) to ``[..., H, W]``."""
-    H, W = x.shape[-2:]
-    if eh > 0:
-        reps = -(-(H + eh) // H)
-        x = torch.cat([x] * reps, -2)[..., : H + eh, :]
-    if ew > 0:
-        reps = -(-(W + ew) // W)
-        x = torch.cat([x] * reps, -1)[..., :, : W + ew]
-    return x
-
-
-def summed_area(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Summed-area table with a zero first row/column: ``[..., H, W] -> [..., H+1, W+1]``,
-    ``C[a, b] = sum x[:a, :b]`` (rows accumulated first, then columns)."""
-    C = torch.empty(x.shape[:-2] + (x.shape[-2] + 1, x.shape[-1] + 1), dtype=dtype, device=x.device)
-    C[..., 0, :] = 0
-    C[..., 1:, 0] = 0
-    C[..., 1:, 1:] = x
-    C.cumsum_(-2)
-    C.cumsum_(-1)
-    return C
-
-
-def window_sums(C: torch.Tensor, hp: int, wp: int, wh: int, ww: int) -> torch.Tensor:
-    """Sums over every ``wh x ww`` window with top-left ``(i, j)``, ``i < hp``, ``j < wp``, from a
-    summed-area table ``C`` (rows first, then columns): ``[..., hp, wp]``."""
-    rows = C[..., wh : wh + hp, :] - C[..., :hp, :]
-    return rows[..., ww : ww + wp] - rows[..., :wp]
+# window sums live in patchcert.windows; re-exported here for the defenses that import them from base
+from ..windows import extend_periodic, summed_area  # noqa: E402,F401
+from ..windows import table_window_sums as window_sums  # noqa: E402,F401

@@ -32,7 +32,18 @@ import torch
 
 from ..errors import PatchcertError
 from ._common import Prepared, outside_worst
-from .base import Defense, Window, check_bool, check_exact, competitor, grid_for, register_defense, to_grid, to_grid_
+from .base import (
+    Defense,
+    Window,
+    check_bool,
+    check_exact,
+    check_scores,
+    competitor,
+    grid_for,
+    register_defense,
+    to_grid,
+    to_grid_,
+)
 
 __all__ = ["Clipping"]
 
@@ -79,6 +90,28 @@ class Clipping(Defense):
             if not self.lo < self.hi:
                 raise PatchcertError(f"clipping: clip range ({lo}, {hi}) is narrower than its fixed-point step")
         self.wrap = check_bool(wrap, "clipping: wrap")
+
+    evidence_name = "clipped scores"
+
+    @classmethod
+    def example_configs(cls) -> list[dict[str, Any]]:
+        return [{"clip": c, "wrap": w} for c in ("tanh", (-1.0, 1.0), (-2.0, 0.5)) for w in (False, True)] + [
+            {"clip": "tanh", "scale": 1.0, "shift": 0.0}]
+
+    @torch.no_grad()
+    def evidence(self, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
+        return self.clipped(scores)
+
+    def evidence_bounds(self) -> tuple[float, float | None]:
+        return (self.lo, self.hi)
+
+    def relaxed_evidence(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``tanh(scale u + shift)``, or the clamp to [lo, hi] straight-through (scores outside
+        the range still get a gradient)."""
+        if self.clip == "tanh":
+            return torch.tanh(scores * self.scale + self.shift)
+        return scores + (scores.clamp(self.lo, self.hi) - scores).detach()
 
     def clipped(self, scores: torch.Tensor) -> torch.Tensor:
         """Clipped scores float64 ``[N, K, H, W]`` (validated scores)."""

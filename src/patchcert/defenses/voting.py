@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import PatchcertError
 from ._common import Prepared, outside_worst
-from .base import Defense, Window, check_bool, check_fraction, competitor, register_defense
+from .base import Defense, Window, check_bool, check_fraction, check_scores, competitor, register_defense
 
 __all__ = ["Voting", "binarize_votes"]
 
@@ -81,9 +81,39 @@ class Voting(Defense):
         self.condition = cond
         self.wrap = check_bool(wrap, "voting: wrap")
 
+    evidence_name = "votes"
+    relaxation_bounded = True
+
+    @classmethod
+    def example_configs(cls) -> list[dict[str, Any]]:
+        return [{"binarize": b, "condition": c, "wrap": w}
+                for b in ("sign", "argmax", 0.3) for c in ("3.2", "3.3") for w in (False, True)]
+
     def votes(self, scores: torch.Tensor) -> torch.Tensor:
         """Votes float64 ``[N, K, H, W]`` in {0, 1} (validated scores)."""
         return binarize_votes(scores, self.binarize).to(torch.float64)
+
+    @torch.no_grad()
+    def evidence(self, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
+        return self.votes(scores)
+
+    def evidence_bounds(self) -> tuple[float, float | None]:
+        return (0.0, 1.0)
+
+    def relaxed_evidence(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Smooth votes in [0, 1]: sigmoid (sign votes, BagCert's relaxation), softmax (argmax
+        votes), or a steep sigmoid of the softmax around the threshold (DS)."""
+        if self.binarize == "sign":
+            return torch.sigmoid(scores / temperature)
+        if self.binarize == "argmax":
+            return torch.softmax(scores / temperature, 1)
+        return torch.sigmoid((torch.softmax(scores, 1) - float(self.binarize)) / (0.05 * temperature))
+
+    def attack_surrogates(self, strong: bool) -> list[str]:
+        if not strong:
+            return ["defense"]
+        return ["defense", "hinge" if self.binarize == "sign" else "logits"]
 
     # -- hooks ---------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:

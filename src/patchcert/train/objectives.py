@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PatchcertError
+from ..models.ds import random_ablate
+from ..windows import window_sums
 
 __all__ = [
     "heaviside_ste",
@@ -94,19 +96,6 @@ def cross_entropy_map(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 # -- PatchGuard provable adversarial training (Xiang et al., USENIX Sec. 2021, App. A) ------------
 
-def _window_sums(fy: torch.Tensor, win: tuple[int, int], wrap: bool) -> torch.Tensor:
-    """Sums of ``fy`` ``[N, H, W]`` over every ``win`` placement -> ``[N, P_h, P_w]``.
-
-    Without wrap: placements fully inside the map (``P = H - wh + 1``); with wrap:
-    every start position, windows wrapping around the bottom/right edge (``P = H``).
-    """
-    wh, ww = win
-    x = fy[:, None]
-    if wrap:
-        x = F.pad(x, (0, ww - 1, 0, wh - 1), mode="circular") if (wh > 1 or ww > 1) else x
-    return F.avg_pool2d(x, (wh, ww), stride=1, divisor_override=1)[:, 0]
-
-
 def strongest_window_mask(
     evidence: torch.Tensor, windows: Sequence[tuple[int, int]], wrap: bool = False
 ) -> torch.Tensor:
@@ -125,7 +114,7 @@ def strongest_window_mask(
     best_shape = best_i = best_j = None
     for wh, ww in windows:
         wh, ww = min(int(wh), H), min(int(ww), W)
-        sums = _window_sums(evidence, (wh, ww), wrap)  # [N, Ph, Pw]
+        sums = window_sums(evidence, (wh, ww), wrap)  # [N, Ph, Pw]
         pw = sums.shape[-1]
         val, flat = sums.flatten(1).max(1)
         i, j = flat // pw, flat % pw
@@ -348,14 +337,6 @@ class PatchGuardObjective(Objective):
                 "clip_max": self.clip_max, "zero": self.zero, "aggregate": self.aggregate, "wrap": self.wrap}
 
 
-def _ds_api() -> Callable[..., torch.Tensor]:
-    try:
-        from ..models.ds import random_ablate  # type: ignore[attr-defined]
-    except ImportError:
-        raise PatchcertError("objective 'ds' needs patchcert.models.ds (De-randomized smoothing), which is not available") from None
-    return random_ablate
-
-
 @register_objective
 class DSObjective(Objective):
     """De-randomized smoothing: train the base classifier on one random ablation per image.
@@ -372,7 +353,7 @@ class DSObjective(Objective):
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], mode: str | None = None, b: int | None = None) -> None:
         super().__init__(model, image_size)
-        self._ablate = _ds_api()
+        self._ablate = random_ablate
         base = getattr(model, "base", None)
         if not isinstance(base, nn.Module):
             raise PatchcertError(f"objective 'ds' needs a De-randomized smoothing model with a .base classifier, "
