@@ -48,6 +48,10 @@ if "broken_certify" not in list_defenses():
 
         name = "broken_certify"
 
+        @classmethod
+        def example_configs(cls):
+            return []  # deliberately unsound: kept out of the registry-wide soundness tests
+
         def certify(self, scores, labels, windows):
             return self.predict(scores) == labels.to(scores.device)
 
