@@ -45,9 +45,9 @@ class _Holder:
             with hold({str(path)!r}, {mode!r}):
                 if {str(shard) if shard else ''!r}:
                     with hold({str(shard) if shard else ''!r}):
-                        print("held", flush=True); time.sleep(60)
+                        print("held", flush=True); time.sleep(900)
                 else:
-                    print("held", flush=True); time.sleep(60)
+                    print("held", flush=True); time.sleep(900)
         """)
         env = {**os.environ, "PYTHONPATH": SRC}
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)

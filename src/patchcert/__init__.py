@@ -15,6 +15,13 @@ from .models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
+from . import runtime  # noqa: E402,F401  (runtime.tune_allocator: see the README)
+from .attacks import attack_dataset  # noqa: E402
+from .certify import certify_dataset  # noqa: E402
+from .data import load_dataset  # noqa: E402
+from .pretrained import load_pretrained  # noqa: E402
+from .results import records_table  # noqa: E402
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
@@ -33,4 +40,9 @@ __all__ = [
     "create_defense",
     "list_defenses",
     "register_defense",
+    "certify_dataset",
+    "attack_dataset",
+    "load_pretrained",
+    "load_dataset",
+    "records_table",
 ]

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from . import rundir
 from .checkpoint import file_sha256, load_tensors, save_tensors, versions
-from .data import ImageSource, to_float
+from .data import ImageSource, as_image_dataset, to_float
 from .defenses import Defense, create_defense
 from .errors import PatchcertError
 from .geometry import Geometry, PatchSpec, parse_patch
@@ -600,6 +600,12 @@ class CertifyRun:
     out_dir: Path | None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def table(self) -> list[dict[str, Any]]:
+        """One row per example x defense x patch (:func:`patchcert.results.records_table`)."""
+        from .results import records_table
+
+        return records_table(self.records)
+
 
 def parse_shard(spec: str | Sequence[int] | None) -> tuple[int, int] | None:
     """``"i/n"`` (0 <= i < n) or ``(i, n)`` -> ``(i, n)``; None stays None."""
@@ -807,6 +813,8 @@ class _Job:
 def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
               out_dir, save_scores, square_cap, square_method, seed, command) -> _Job:
     if scores is None:
+        if model is not None and data is not None:
+            data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
         src = _model_source(model, data)
     else:
         if model is not None or data is not None:
@@ -1057,7 +1065,7 @@ def certify_dataset(
     defenses: Sequence[str | DefenseSpec | Any] = ("voting",),
     patches: Sequence[str | PatchSpec] = ("5x5",),
     batch_size: int = 128,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype | str = torch.float64,
     num_examples: int | None = None,
     start: int = 0,
@@ -1075,8 +1083,10 @@ def certify_dataset(
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
-    Either ``model`` (a ScoreMapModel: images in [0, 1] -> ``[N, K, H, W]``) and ``data``, or
-    ``scores`` (a :class:`ScoreFile`). The model runs once per batch in eval mode, under
+    Either ``model`` (a ScoreMapModel: images in [0, 1] -> ``[N, K, H, W]``) and ``data`` (an
+    ``ImageDataset``, ``(images, labels)`` tensors with float images in [0, 1] or uint8, or any
+    map-style dataset of ``(image, label)``: :func:`patchcert.data.as_image_dataset`), or
+    ``scores`` (a :class:`ScoreFile`). ``device="auto"``: CUDA if available, else the CPU. The model runs once per batch in eval mode, under
     ``no_grad``, with TF32 off, on images in float32 [0, 1]; its scores go to the defenses in
     ``dtype`` (or the model's own dtype if wider: a map is never rounded down before it is
     certified). Saved score files hold float32, as the contract says.

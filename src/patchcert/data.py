@@ -49,6 +49,7 @@ __all__ = [
     "center_crop",
     "train_batch",
     "to_float",
+    "as_image_dataset",
     "iterate_batches",
     "CIFAR10_CLASSES",
 ]
@@ -121,8 +122,14 @@ class ImageDataset(ImageSource):
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.images.dim() != 4 or self.images.dtype != torch.uint8:
-            raise DataError(f"{self.name}: images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        ok_dtype = self.images.dtype == torch.uint8 or self.images.dtype in (torch.float32, torch.float64)
+        if self.images.dim() != 4 or not ok_dtype:
+            raise DataError(f"{self.name}: images must be uint8 (or float in [0, 1]) [N, C, H, W], got "
+                            f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.is_floating_point() and self.images.numel():
+            lo, hi = float(self.images.min()), float(self.images.max())
+            if not (0.0 <= lo and hi <= 1.0):
+                raise DataError(f"{self.name}: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: {self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
@@ -521,8 +528,74 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
 # -- tensors -----------------------------------------------------------------------------
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1]."""
+    """uint8 -> float32 in [0, 1] (float images, already in [0, 1], keep their values)."""
+    if x.is_floating_point():
+        return x.to(torch.float32)
     return x.to(torch.float32).div_(255.0)
+
+
+def _image_tensor(img, i: int) -> torch.Tensor:
+    if isinstance(img, torch.Tensor):
+        t = img
+    elif isinstance(img, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(img))
+        if t.dim() == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):
+            t = t.permute(2, 0, 1)  # HWC -> CHW
+    elif hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
+        t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    else:
+        raise DataError(f"example {i}: the image must be a tensor, numpy array or PIL image, got {type(img).__name__}")
+    if t.dim() != 3:
+        raise DataError(f"example {i}: expected an image [C, H, W], got shape {tuple(t.shape)}")
+    return t
+
+
+def as_image_dataset(data, num_classes: int | None = None, name: str = "in-memory") -> ImageSource:
+    """Whatever a notebook holds, as an :class:`ImageSource`:
+
+    * an ``ImageSource`` (``ImageDataset``, ``ImageFolderDataset``; returned as is);
+    * ``(images, labels)``: images uint8 ``[N, 3, H, W]`` or float in [0, 1], labels ints ``[N]``;
+    * any map-style dataset (``len`` and ``ds[i] -> (image, label)``, e.g. a torchvision dataset
+      with ``transforms.ToTensor()``): images as tensors (float in [0, 1] or uint8), numpy
+      arrays or PIL images; class names from ``ds.classes`` if it has them.
+
+    ``num_classes``: the number of classes when the data does not name them (default: the
+    largest label + 1)."""
+    if isinstance(data, ImageSource):
+        return data
+    classes = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        images, labels = data[0], torch.as_tensor(data[1])
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        n = len(data)
+        if n == 0:
+            raise DataError(f"{name}: the dataset is empty")
+        items = [data[i] for i in range(n)]
+        for i, it in enumerate(items):
+            if not (isinstance(it, (tuple, list)) and len(it) >= 2):
+                raise DataError(f"{name}: example {i} is not an (image, label) pair")
+        imgs = [_image_tensor(it[0], i) for i, it in enumerate(items)]
+        if len({(t.dtype, tuple(t.shape)) for t in imgs}) != 1:
+            raise DataError(f"{name}: images differ in shape or dtype; resize/crop them to one size first")
+        images = torch.stack(imgs)
+        labels = torch.tensor([int(it[1]) for it in items])
+        names = getattr(data, "classes", None)
+        classes = tuple(str(c) for c in names) if isinstance(names, (list, tuple)) and names else None
+    else:
+        raise DataError(f"data must be an ImageDataset, (images, labels) tensors or a dataset of (image, label) "
+                        f"pairs, got {type(data).__name__}")
+    if images.dim() != 4:
+        raise DataError(f"{name}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if images.is_floating_point():
+        images = images.to(torch.float32)
+    elif images.dtype != torch.uint8:
+        raise DataError(f"{name}: integer images must be uint8, got {images.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.shape != images.shape[:1]:
+        raise DataError(f"{name}: labels must be {images.shape[0]} integers, got {labels.dtype} {tuple(labels.shape)}")
+    if classes is None:
+        k = num_classes if num_classes is not None else (int(labels.max()) + 1 if len(labels) else 1)
+        classes = tuple(str(i) for i in range(k))
+    return ImageDataset(images.contiguous(), labels.to(torch.int64), classes, name, {"dataset": "in-memory"})
 
 
 def augment_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

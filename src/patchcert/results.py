@@ -76,6 +76,8 @@ __all__ = [
     "load_scores",
     "save_scores",
     "records_to_jsonl",
+    "records_table",
+    "TABLE_FIELDS",
     "append_records",
     "read_records",
     "repair_records",
@@ -207,6 +209,54 @@ class ExampleRecord:
     def from_json(cls, d: Mapping[str, Any]) -> "ExampleRecord":
         return cls(int(d["index"]), int(d["label"]), int(d["clean_pred"]),
                    {str(k): DefenseOutcome.from_json(v) for k, v in d["defenses"].items()})
+
+
+TABLE_FIELDS = ["index", "label", "clean_pred", "defense", "patch", "pred", "correct", "certified", "margin",
+                "worst_window", "worst_row", "worst_col", "worst_class", "largest_square", "attacked", "success",
+                "adv_pred", "target", "attack_pixel", "attack_steps", "soundness_failure"]
+
+
+def records_table(records: Any, path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Per-example results as a flat table: one row (a dict of plain values) per example x
+    defense x patch -- ``pandas.DataFrame(records_table(run))`` loads it as is.
+
+    ``records``: certify records (:class:`ExampleRecord`), attack records (dicts from
+    ``records.jsonl``), a ``CertifyRun`` / ``AttackRun`` (anything with ``.records``), or a
+    run directory (its ``records.jsonl``). Columns: :data:`TABLE_FIELDS` (attack columns are
+    None for certify records, the worst case's None for attack records). ``path``: also
+    write the table as CSV."""
+    if isinstance(records, (str, os.PathLike)):
+        records = read_jsonl(Path(records) / RECORDS_FILE)
+    records = getattr(records, "records", records)
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        d = r.to_json() if isinstance(r, ExampleRecord) else r
+        for key, o in d["defenses"].items():
+            for patch, cert in o["certified"].items():
+                w = (o.get("worst") or {}).get(patch)
+                a = (o.get("attack") or {}).get(patch)
+                rows.append({
+                    "index": d["index"], "label": d["label"], "clean_pred": d["clean_pred"], "defense": key,
+                    "patch": patch, "pred": o["pred"], "correct": o["correct"], "certified": cert,
+                    "margin": None if w is None else w.get("margin"),
+                    "worst_window": None if w is None else "x".join(map(str, w["window"])),
+                    "worst_row": None if w is None else w["row"], "worst_col": None if w is None else w["col"],
+                    "worst_class": None if w is None else w["class"], "largest_square": o.get("largest_square"),
+                    "attacked": None if a is None else a.get("attacked"),
+                    "success": None if a is None else a.get("success"),
+                    "adv_pred": None if a is None else a.get("adv_pred"),
+                    "target": None if a is None else a.get("target"),
+                    "attack_pixel": None if a is None or a.get("pixel") is None else "x".join(map(str, a["pixel"])),
+                    "attack_steps": None if a is None else a.get("steps"),
+                    "soundness_failure": None if a is None else a.get("soundness_failure"),
+                })
+    if path is not None:
+        buf = io.StringIO()
+        w_ = csv.DictWriter(buf, fieldnames=TABLE_FIELDS, lineterminator="\n")
+        w_.writeheader()
+        w_.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+    return rows
 
 
 def records_to_jsonl(records: Iterable[ExampleRecord]) -> str:

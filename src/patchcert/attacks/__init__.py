@@ -7,6 +7,7 @@ the certified *lower* bound, and a check of every certificate from the attack si
 ``attack_and_check`` also certifies and reports soundness failures.
 """
 
+from .run import AttackRun, attack_dataset
 from .patch import AttackCheck, PatchAttackConfig, PatchAttackResult, attack_and_check, patch_attack
 from .selection import (
     Candidates,
@@ -21,6 +22,8 @@ from .selection import (
 from .surrogate import SURROGATES, default_surrogates, resolve_surrogate, targeted_delta
 
 __all__ = [
+    "AttackRun",
+    "attack_dataset",
     "AttackCheck",
     "PatchAttackConfig",
     "PatchAttackResult",

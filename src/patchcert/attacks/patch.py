@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..errors import PatchcertError
 from ..geometry import PatchSpec, parse_patch
@@ -227,6 +228,51 @@ def _shapes_of(patch: str | PatchSpec | Sequence[tuple[int, int]], image_size: t
     return shapes
 
 
+def _fresh_result(clean_pred: torch.Tensor, labels: torch.Tensor) -> PatchAttackResult:
+    """Nothing attacked yet: correctly classified examples are to be attacked, the others count as broken."""
+    N, dev = clean_pred.shape[0], clean_pred.device
+    neg = torch.full((N,), -1, dtype=torch.long, device=dev)
+    return PatchAttackResult(
+        clean_pred=clean_pred,
+        adv_pred=clean_pred.clone(),
+        success=clean_pred != labels,
+        attacked=clean_pred == labels,
+        shape=torch.stack([neg, neg], 1), pixel=torch.stack([neg, neg], 1),
+        window=torch.stack([neg, neg], 1), cell=torch.stack([neg, neg], 1),
+        target=neg.clone(),
+        predicted_margin=torch.full((N,), float("nan"), dtype=torch.float64, device=dev),
+        soft_margin=torch.full((N,), float("inf"), dtype=torch.float64, device=dev),
+        attempts=torch.zeros(N, dtype=torch.long, device=dev),
+        steps=torch.zeros(N, dtype=torch.long, device=dev),
+        outside_change=torch.zeros(N, dtype=torch.float64, device=dev),
+    )
+
+
+@torch.no_grad()
+def _verdict(model: nn.Module, defense: Any, geom: Any, x_adv: torch.Tensor, clean_scores: torch.Tensor,
+             labels: torch.Tensor, res: PatchAttackResult, claimed: torch.Tensor,
+             score_dtype: torch.dtype | None) -> None:
+    """The verdict: a fresh forward pass of the final images through model and defense; also
+    the largest score change outside the cells the patch can reach (0 for a sound geometry)."""
+    adv_scores = model.score_map(x_adv)
+    if score_dtype is not None:
+        adv_scores = adv_scores.to(score_dtype)
+    adv_pred = defense.predict(adv_scores).to(labels.device)
+    att = res.attacked
+    res.adv_pred = torch.where(att, adv_pred, res.clean_pred)
+    res.success = res.adv_pred != labels
+    lost = claimed & ~res.success
+    if bool(lost.any()):
+        log.warning("%d attack success(es) did not reproduce on a fresh forward pass (numerical noise?); "
+                    "counted as failures", int(lost.sum()))
+    ai = att.nonzero().squeeze(1)
+    if ai.numel():
+        reach = affected_mask(geom, res.pixel[ai, 0], res.pixel[ai, 1], res.shape[ai, 0], res.shape[ai, 1],
+                              tuple(clean_scores.shape[-2:]))
+        diff = (adv_scores[ai] - clean_scores[ai]).abs().amax(1).to(torch.float64)
+        res.outside_change[ai] = diff.masked_fill(reach, 0.0).flatten(1).amax(1)
+
+
 def patch_attack(
     model: Any,
     defense: Any,
@@ -283,24 +329,9 @@ def patch_attack(
                 clean_scores = clean_scores.to(score_dtype)
             clean_pred = defense.predict(clean_scores).to(dev)
         K = clean_scores.shape[1]
-        Hm, Wm = clean_scores.shape[-2:]
         shape_t = torch.tensor(shapes, dtype=torch.long, device=dev)  # [S, 2]
 
-        neg = torch.full((N,), -1, dtype=torch.long, device=dev)
-        res = PatchAttackResult(
-            clean_pred=clean_pred,
-            adv_pred=clean_pred.clone(),
-            success=clean_pred != labels,
-            attacked=clean_pred == labels,
-            shape=torch.stack([neg, neg], 1), pixel=torch.stack([neg, neg], 1),
-            window=torch.stack([neg, neg], 1), cell=torch.stack([neg, neg], 1),
-            target=neg.clone(),
-            predicted_margin=torch.full((N,), float("nan"), dtype=torch.float64, device=dev),
-            soft_margin=torch.full((N,), float("inf"), dtype=torch.float64, device=dev),
-            attempts=torch.zeros(N, dtype=torch.long, device=dev),
-            steps=torch.zeros(N, dtype=torch.long, device=dev),
-            outside_change=torch.zeros(N, dtype=torch.float64, device=dev),
-        )
+        res = _fresh_result(clean_pred, labels)
         x_adv = x.clone()
         if K < 2 or not bool(res.attacked.any()):
             res.adv_images = x_adv if keep_images else None
@@ -350,24 +381,7 @@ def patch_attack(
             if not bool(remaining.any()):
                 break
 
-        # the verdict: a fresh forward pass of the final images through model and defense
-        with torch.no_grad():
-            adv_scores = model.score_map(x_adv)
-            if score_dtype is not None:
-                adv_scores = adv_scores.to(score_dtype)
-            adv_pred = defense.predict(adv_scores).to(dev)
-            att = res.attacked
-            res.adv_pred = torch.where(att, adv_pred, clean_pred)
-            res.success = res.adv_pred != labels
-            lost = claimed & ~res.success
-            if bool(lost.any()):
-                log.warning("%d attack success(es) did not reproduce on a fresh forward pass (numerical noise?); "
-                            "counted as failures", int(lost.sum()))
-            ai = att.nonzero().squeeze(1)
-            if ai.numel():
-                reach = affected_mask(geom, res.pixel[ai, 0], res.pixel[ai, 1], res.shape[ai, 0], res.shape[ai, 1], (Hm, Wm))
-                diff = (adv_scores[ai] - clean_scores[ai]).abs().amax(1).to(torch.float64)
-                res.outside_change[ai] = diff.masked_fill(reach, 0.0).flatten(1).amax(1)
+        _verdict(model, defense, geom, x_adv, clean_scores, labels, res, claimed, score_dtype)
         res.adv_images = x_adv if keep_images else None
         return res
     finally:

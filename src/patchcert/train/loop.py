@@ -81,7 +81,7 @@ from ..loader import (STREAM_OBJECTIVE, EpochBatchSampler, TrainView, default_wo
                       load_batches, make_loader)
 from ..models import create_model
 from ..runtime import math_mode, precise_math
-from ..rundir import hold_for_job
+from ..rundir import config_diff, hold_for_job
 from .objectives import OBJECTIVES, Objective, create_objective
 
 if sys.version_info >= (3, 11):
@@ -455,8 +455,7 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:
-    a, b = _comparable(saved), _comparable(now)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return config_diff(_comparable(saved), _comparable(now))
 
 
 def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -498,6 +497,88 @@ def _same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 # -- the loop -----------------------------------------------------------------------------------
 
+def _saved_state(out: Path, state_path: Path, resolved: dict[str, Any],
+                 resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The run folder's saved training state (``resume`` with the same config), or None for a
+    new run. Checked on every rank (same file system): a rank that raised alone would hang the others."""
+    if not state_path.exists():
+        if resume:
+            log.warning("no training state in %s: starting a new run", out)
+        return None
+    if not resume:
+        raise PatchcertError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    saved = _load_state(state_path)
+    diff = _config_diff(saved[1]["config"], resolved)
+    if diff:
+        raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}")
+    return saved
+
+
+def _datasets(cfg: TrainConfig) -> tuple[ImageSource, ImageSource, bool, int, int]:
+    """Training and evaluation sets, whether to stream the training set, and the loader workers."""
+    ds_kw = dict(cfg.dataset_cfg)
+    train_set: ImageSource = load_dataset(cfg.dataset, cfg.data_dir, train=True, train_view=True, **ds_kw)
+    eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
+    if cfg.max_train_examples:
+        train_set = train_set.subset(cfg.max_train_examples)
+    # in-memory splits (CIFAR, synthetic) are shuffled: their first examples; image folders are
+    # sorted by class: examples spread over the folder so that every class is evaluated
+    eval_set = eval_set.subset(cfg.eval_examples) if eval_set.in_memory else eval_set.spread(cfg.eval_examples)
+    stream = cfg.loader == "stream" or (cfg.loader == "auto" and not train_set.in_memory)
+    if not stream and not isinstance(train_set, ImageDataset):
+        train_set = train_set.load()  # type: ignore[attr-defined]  # loader = "memory": decode everything now
+    workers = cfg.data_workers if cfg.data_workers is not None else default_workers(train_set)
+    eval_workers = cfg.data_workers if cfg.data_workers is not None else default_workers(eval_set)
+    if _same_images(train_set.info, eval_set.info):
+        log.warning("training and evaluating on the same images (%s)", train_set.info["root"])
+    return train_set, eval_set, stream, workers, eval_workers
+
+
+def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], state_path: Path, model: nn.Module,
+             opt: torch.optim.Optimizer, gen: torch.Generator, device: torch.device, world: int) -> tuple[int, list]:
+    """Model, optimizer and RNG states of the last finished epoch: ``(epoch, history)``."""
+    tensors, meta = saved
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optimizer(opt, tensors, meta["optimizer"])
+        gen.set_state(tensors["rng.data"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{state_path}: cannot restore the training state ({str(e).splitlines()[0]})") from None
+    if int(meta.get("world_size", world)) != world:
+        log.warning("resuming a run trained on %s process(es) with %d: BatchNorm statistics per rank differ",
+                    meta.get("world_size"), world)
+    log.info("resuming %s after epoch %d", state_path.parent, int(meta["epoch"]))
+    return int(meta["epoch"]), list(meta.get("history", []))
+
+
+def _build(cfg: TrainConfig, train_set: ImageSource, eval_set: ImageSource, device: torch.device, fresh: bool):
+    """Model (``fresh``: a new run, initialised from ``init_from`` if given), objective, the
+    trained module, optimizer and the evaluation defense (validated now, not after the first epoch)."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=train_set.num_classes, **cfg.model_cfg).to(device)
+    if cfg.init_from and fresh:
+        init_weights(model, cfg.init_from)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    crop = train_set.info.get("crop")
+    image_size = (int(crop), int(crop)) if crop else train_set.image_size  # what the model sees
+    objective: Objective = create_objective(cfg.objective, model, image_size, **cfg.objective_cfg)
+    module = objective.trainable(model)
+    if cfg.sync_bn:
+        module = sync_batchnorm(module, device)
+    opt = _make_optimizer(cfg, module.parameters())
+    try:
+        eval_windows = patch_windows(model, cfg.eval_patch, eval_set.image_size)
+    except ValueError as e:
+        raise PatchcertError(f"eval_patch: {e}") from None
+    eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg, eval_windows)
+    _make_defense(eval_defense, model.geometry.wrap)
+    return model, objective, module, opt, eval_defense
+
+
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[int, int, float], None] | None = None,
           stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -531,75 +612,16 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
     try:
         held.enter_context(hold_for_job(out))  # one process (or one torchrun job) per run folder
         state_path = out / "state.safetensors"
-        # checked on every rank (same file system): a rank that raised alone would hang the others
-        saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         resolved = asdict(cfg)
-        if state_path.exists():
-            if not resume:
-                raise PatchcertError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-            saved = _load_state(state_path)
-            diff = _config_diff(saved[1]["config"], resolved)
-            if diff:
-                raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}")
-        elif resume:
-            log.warning("no training state in %s: starting a new run", out)
+        saved = _saved_state(out, state_path, resolved, resume)
+        train_set, eval_set, stream, workers, eval_workers = _datasets(cfg)
 
-        ds_kw = dict(cfg.dataset_cfg)
-        train_set: ImageSource = load_dataset(cfg.dataset, cfg.data_dir, train=True, train_view=True, **ds_kw)
-        eval_set = load_dataset(cfg.dataset, cfg.data_dir, train=False, **ds_kw)
-        if cfg.max_train_examples:
-            train_set = train_set.subset(cfg.max_train_examples)
-        # in-memory splits (CIFAR, synthetic) are shuffled: their first examples; image folders are
-        # sorted by class: examples spread over the folder so that every class is evaluated
-        eval_set = eval_set.subset(cfg.eval_examples) if eval_set.in_memory else eval_set.spread(cfg.eval_examples)
-        stream = cfg.loader == "stream" or (cfg.loader == "auto" and not train_set.in_memory)
-        if not stream and not isinstance(train_set, ImageDataset):
-            train_set = train_set.load()  # type: ignore[attr-defined]  # loader = "memory": decode everything now
-        workers = cfg.data_workers if cfg.data_workers is not None else default_workers(train_set)
-        eval_workers = cfg.data_workers if cfg.data_workers is not None else default_workers(eval_set)
-        if _same_images(train_set.info, eval_set.info):
-            log.warning("training and evaluating on the same images (%s)", train_set.info["root"])
-
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=train_set.num_classes, **cfg.model_cfg).to(device)
-        if cfg.init_from and saved is None:
-            init_weights(model, cfg.init_from)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        crop = train_set.info.get("crop")
-        image_size = (int(crop), int(crop)) if crop else train_set.image_size  # what the model sees
-        objective: Objective = create_objective(cfg.objective, model, image_size, **cfg.objective_cfg)
-        module = objective.trainable(model)
-        if cfg.sync_bn:
-            module = sync_batchnorm(module, device)
-        opt = _make_optimizer(cfg, module.parameters())
+        model, objective, module, opt, eval_defense = _build(cfg, train_set, eval_set, device, fresh=saved is None)
         gen = torch.Generator().manual_seed(cfg.seed)
-        try:
-            eval_windows = patch_windows(model, cfg.eval_patch, eval_set.image_size)
-        except ValueError as e:
-            raise PatchcertError(f"eval_patch: {e}") from None
-        eval_defense = cfg.eval_defense or default_eval_defense(cfg.objective, cfg.objective_cfg, eval_windows)
-        _make_defense(eval_defense, model.geometry.wrap)  # a bad eval_defense fails now, not after the first epoch
-        start_epoch = 0
-        history: list[dict] = []
+        start_epoch, history = 0, []
         if saved is not None:
-            tensors, meta = saved
-            try:
-                model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-                _restore_optimizer(opt, tensors, meta["optimizer"])
-                gen.set_state(tensors["rng.data"])
-                torch.set_rng_state(tensors["rng.torch"])
-                if device.type == "cuda" and "rng.cuda" in tensors:
-                    torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise CheckpointError(f"{state_path}: cannot restore the training state ({str(e).splitlines()[0]})") from None
-            start_epoch = int(meta["epoch"])
-            history = list(meta.get("history", []))
-            if int(meta.get("world_size", world)) != world:
-                log.warning("resuming a run trained on %s process(es) with %d: BatchNorm statistics per rank differ",
-                            meta.get("world_size"), world)
-            log.info("resuming %s after epoch %d", out, start_epoch)
-            del saved, tensors
+            start_epoch, history = _restore(saved, state_path, model, opt, gen, device, world)
+            del saved
 
         net: nn.Module = module
         if world > 1:

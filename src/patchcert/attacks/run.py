@@ -1,0 +1,307 @@
+"""Attack a dataset: :func:`attack_dataset`, the library behind ``patchcert attack``.
+
+Per batch the model runs once; every defense x patch is certified (the very defenses
+``certify_dataset`` builds for the model: :func:`~patchcert.certify.plan_threat`) and then
+attacked on every correctly classified example (:func:`~patchcert.attacks.attack_and_check`).
+A certified example the attack breaks is a *soundness failure* (``AttackRun.failures``).
+
+Run directory (``out_dir``; held by this process for the whole run, see
+:mod:`patchcert.rundir`): ``config.json`` (checked on ``resume``), ``records.jsonl`` (one line
+per example, appended per batch), ``summary.json`` (at the end), ``png/`` (``save_png``).
+One record::
+
+    {"index": 7, "label": 3, "clean_pred": 3,
+     "defenses": {"voting(sign,3.2)": {"pred": 3, "correct": true,
+         "certified": {"5x5": false},
+         "attack": {"5x5": {"attacked": true, "success": true, "adv_pred": 5, "target": 5,
+                            "pixel": [12, 3], "patch": [5, 5], "steps": 41, ...,
+                            "soundness_failure": false}}}}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import rundir
+from ..loader import load_batches
+from ..errors import PatchcertError
+from .patch import PatchAttackConfig, attack_and_check
+from .selection import affected_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AttackRun", "attack_dataset"]
+
+RECORDS = "records.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+
+
+@dataclass
+class AttackRun:
+    """What :func:`attack_dataset` returns: the summary (as written to ``summary.json``), the
+    records (in index order), the run directory (None in memory) and its config."""
+
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    out_dir: Path | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per example x defense x patch (:func:`patchcert.results.records_table`)."""
+        from ..results import records_table
+
+        return records_table(self.records)
+
+    @property
+    def failures(self) -> list[tuple[str, str, int]]:
+        """``(defense key, patch, example index)`` of every certified example the attack broke."""
+        return [(k, p, r["index"]) for r in self.records for k, o in r["defenses"].items()
+                for p, a in o["attack"].items() if a["soundness_failure"]]
+
+
+@dataclass
+class _AttackJob:
+    model: Any
+    data: Any
+    defenses: list
+    patches: list
+    cfg: PatchAttackConfig
+    dtype: torch.dtype
+    device: torch.device
+    start: int
+    n: int
+    batch_size: int
+    save_png: int
+    config: dict[str, Any]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "x"
+
+
+def _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
+          save_png, seed) -> _AttackJob:
+    from ..certify import _check_selection, _model_source, _provenance, _resolve_dtype, plan_threat
+    from ..runtime import resolve_device
+    from ..data import as_image_dataset
+
+    data = as_image_dataset(data)
+    src = _model_source(model, data)
+    n = _check_selection(start, num_examples, batch_size, src)
+    if isinstance(save_png, bool) or not isinstance(save_png, int) or save_png < 0:
+        raise PatchcertError(f"save_png must be a non-negative integer, got {save_png!r}")
+    cfg = config if config is not None else (PatchAttackConfig.strong(seed=seed) if strong else PatchAttackConfig(seed=seed))
+    if not isinstance(cfg, PatchAttackConfig):
+        raise PatchcertError(f"config must be a PatchAttackConfig, got {type(cfg).__name__}")
+    dtype = _resolve_dtype(dtype)
+    dev = resolve_device(device)
+    # exactly the defenses `certify` builds for this model (wrap-around windows on DS maps)
+    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
+    pixel = [dp.key for dp in defense_plans if dp.on_pixels]
+    if pixel:
+        raise PatchcertError(f"{pixel[0]} works on pixels; the score-map patch attack does not apply to it "
+                             "(see patchcert.attacks.double_masking)")
+    prov = _provenance(model, data, None)
+    job_config = json.loads(json.dumps({
+        "format": 1, "kind": "attack", "model": prov["model"], "model_sha256": prov["model_sha256"],
+        "model_hash_of": prov["hash_of"], "checkpoint": prov["checkpoint"], "model_config": prov["model_config"],
+        "data": prov["data"], "start": start, "num_examples": n, "split": str(data.info.get("split", "test")),
+        "defenses": [{"key": d.key, "config": d.config} for d in defense_plans],
+        "patches": [{"patch": p.text, "resolved": p.resolved, "windows": [list(w) for w in p.windows]}
+                    for p in patch_plans],
+        "attack": {**cfg.to_dict(), "strong": bool(strong)},
+        "dtype": "float32" if dtype == torch.float32 else "float64", "batch_size": batch_size, "seed": seed,
+        "geometry": src.geometry.to_dict(), "image_size": list(src.image_size),
+    }, default=str))
+    return _AttackJob(model, data, defense_plans, patch_plans, cfg, dtype, dev, start, n, batch_size, save_png,
+                      job_config)
+
+
+def _save_pngs(job: _AttackJob, out: Path, d, dp_key: str, pp, x, s, pred, y, idx, res, chk, rows, batch) -> None:
+    from ..report import plot_attack_example
+
+    with torch.no_grad():
+        adv_s = job.model.score_map(res.adv_images[rows]).to(job.dtype)
+    ev_c, ev_a = d.evidence(s[rows]), d.evidence(adv_s)
+    geom = job.model.geometry
+    for j, k in enumerate(rows):
+        e = batch[k]["defenses"][dp_key]["attack"][pp.text]
+        tgt = e["target"] if e["target"] is not None else int(pred[k])
+        reach = None
+        if e["pixel"] is not None:
+            reach = affected_mask(geom, torch.tensor([e["pixel"][0]]), torch.tensor([e["pixel"][1]]),
+                                  e["patch"][0], e["patch"][1], tuple(s.shape[-2:]))[0]
+        plot_attack_example(out / "png" / f"{int(idx[k]):06d}_{_safe(dp_key)}_{_safe(pp.text)}.png",
+                            x[k].cpu(), res.adv_images[k].cpu(), ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e,
+                            int(y[k]), int(pred[k]), list(job.data.classes), dp_key, pp.text,
+                            bool(chk.certified[k]), reach, d.evidence_name)
+
+
+def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, seconds: dict[str, float],
+                  out: Path | None) -> list[dict]:
+    """Records of one batch: images ``xb``, labels ``yb`` of the dataset examples ``idx``."""
+    from ..data import to_float
+
+    x = to_float(xb.to(job.device))
+    y = yb.to(job.device)
+    with torch.no_grad():
+        s32 = job.model.score_map(x).float()
+    s = s32.to(job.dtype)
+    und = s.mean((2, 3)).argmax(1)
+    png_rows = [k for k, i in enumerate(idx.tolist()) if i - job.start < job.save_png] if out is not None else []
+    batch = [{"index": int(i), "label": int(y[k]), "clean_pred": int(und[k]), "defenses": {}}
+             for k, i in enumerate(idx.tolist())]
+    for dp in job.defenses:
+        d = dp.defense
+        pred = d.predict(s)
+        for k in range(len(batch)):
+            batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]),
+                                            "certified": {}, "attack": {}}
+        for pp in job.patches:
+            t0 = time.perf_counter()
+            cert = d.certify(s, y, pp.windows)
+            chk = attack_and_check(job.model, d, x, y, pp.text, job.cfg, clean_scores=s32, indices=idx,
+                                   keep_images=bool(png_rows), certified=cert, score_dtype=job.dtype)
+            if job.device.type == "cuda":
+                torch.cuda.synchronize(job.device)
+            key = f"{dp.key}|{pp.text}"
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+            for k in range(len(batch)):
+                e = chk.result.example(k)
+                e["soundness_failure"] = bool(chk.soundness_failure[k])
+                batch[k]["defenses"][dp.key]["certified"][pp.text] = bool(chk.certified[k])
+                batch[k]["defenses"][dp.key]["attack"][pp.text] = e
+            if png_rows and out is not None:
+                _save_pngs(job, out, d, dp.key, pp, x, s, pred, y, idx, chk.result, chk, png_rows, batch)
+    return batch
+
+
+def _summary(job: _AttackJob, records: list[dict], new: int, seconds: dict[str, float], command: str) -> dict:
+    from ..checkpoint import versions
+
+    n = job.n
+    results = []
+    for dp in job.defenses:
+        for pp in job.patches:
+            outs = [r["defenses"][dp.key] for r in records]
+            att = [o["attack"][pp.text] for o in outs]
+            correct = sum(o["correct"] for o in outs)
+            certified = sum(o["certified"][pp.text] for o in outs)
+            robust = sum(o["correct"] and not a["success"] for o, a in zip(outs, att))
+            broken = sum(a["attacked"] and a["success"] for a in att)
+            sf = [r["index"] for r, a in zip(records, att) if a["soundness_failure"]]
+            key = f"{dp.key}|{pp.text}"
+            results.append({
+                "defense": dp.key, "patch": pp.text, "resolved": pp.resolved,
+                "clean_accuracy": correct / n, "certified_accuracy": certified / n, "robust_accuracy": robust / n,
+                "attack_success_rate": broken / correct if correct else None,
+                "soundness_failures": len(sf), "soundness_failure_indices": sf[:100],
+                "n": n, "num_correct": correct, "num_certified": certified, "num_robust": robust,
+                "mean_steps": sum(a["steps"] for a in att) / n,
+                "attack_seconds_per_image": seconds[key] / new if new and key in seconds else None,
+                "defense_config": dp.config,
+            })
+    c = job.config
+    md = {k: c[k] for k in ("model", "model_sha256", "model_hash_of", "checkpoint", "model_config", "data",
+                            "start", "geometry", "image_size", "dtype", "seed")}
+    md.update({"num_examples": n, "attack": c["attack"], "device": str(job.device), "versions": versions(),
+               "command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "kind": "attack"})
+    return {"n": n, "results": results, "soundness_failures": sum(r["soundness_failures"] for r in results),
+            "metadata": md}
+
+
+def _resume(job: _AttackJob, out: Path, resume: bool) -> list[dict]:
+    done: list[dict] = []
+    if rundir.check_resume(out, job.config, resume, CONFIG, markers=(CONFIG, RECORDS)):
+        done = rundir.read_jsonl(out / RECORDS, tail="repair")
+        if [r.get("index") for r in done] != list(range(job.start, job.start + len(done))):
+            raise PatchcertError(f"cannot resume {out}: records.jsonl does not hold the first examples in order")
+        if len(done) > job.n:
+            raise PatchcertError(f"cannot resume {out}: it holds more records than the run selects")
+    (out / SUMMARY).unlink(missing_ok=True)
+    rundir.write_json(out / CONFIG, job.config)
+    (out / RECORDS).touch()
+    return done
+
+
+def attack_dataset(
+    model: Any,
+    data: Any,
+    *,
+    defenses: Sequence[Any] = ("voting",),
+    patches: Sequence[Any] = ("5x5",),
+    config: PatchAttackConfig | None = None,
+    strong: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str = torch.float64,
+    num_examples: int | None = None,
+    start: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_png: int = 0,
+    seed: int = 0,
+    command: str = "",
+    progress: Callable[[int, int], None] | None = None,
+    num_workers: int | None = None,
+) -> AttackRun:
+    """Attack examples ``start .. start+num_examples-1`` of ``data`` under every defense x patch.
+
+    ``model``: a score-map model (images in [0, 1]); ``data``: an ``ImageDataset``, a float
+    tensor ``[N, 3, H, W]`` in [0, 1] with ``labels`` given as ``(images, labels)``, or any
+    map-style dataset of ``(image, label)`` (see :func:`patchcert.data.as_image_dataset`).
+    ``config``: the attack (default BagCert A.2; ``strong=True``: :meth:`PatchAttackConfig.strong`).
+    ``out_dir``: the run directory (held for the whole call; ``resume`` continues it; the
+    configuration must match). ``save_png``: PNGs of the first N examples. ``num_workers``:
+    data loader processes (:func:`patchcert.loader.load_batches`). Returns an
+    :class:`AttackRun`; ``run.failures`` lists soundness failures (certified yet broken).
+    """
+    job = _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
+                save_png, seed)
+    job.model.to(job.device)
+    was_training = job.model.training
+    job.model.eval()
+    seconds: dict[str, float] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(rundir.hold(out_dir)) if out_dir is not None else None
+            done = _resume(job, out, resume) if out is not None else []
+            records = list(done)
+            if progress is not None:
+                progress(len(records), job.n)
+            end = job.start + job.n
+            batches = [range(lo, min(lo + job.batch_size, end)) for lo in range(job.start + len(done), end, job.batch_size)]
+            images = load_batches(job.data, batches, num_workers, pin_memory=job.device.type == "cuda")
+            try:
+                for xb, yb, idx in images:
+                    batch = _attack_batch(job, xb, yb, idx, seconds, out)
+                    if out is not None:
+                        rundir.append_jsonl(out / RECORDS, [json.dumps(r, separators=(",", ":"), allow_nan=False)
+                                                            for r in batch])
+                    records.extend(batch)
+                    if progress is not None:
+                        progress(len(records), job.n)
+            finally:
+                images.close()  # stops DataLoader workers early if the loop raised
+            summary = _summary(job, records, len(records) - len(done), seconds, command)
+            if out is not None:
+                rundir.write_json(out / SUMMARY, summary)
+    finally:
+        job.model.train(was_training)
+    run = AttackRun(summary, records, out, job.config)
+    if run.failures:
+        log.error("SOUNDNESS FAILURE: the attack broke %d certified example(s)", len(run.failures))
+    return run

@@ -1,0 +1,159 @@
+"""Tables and plots from certify (and attack) runs: the analysis step, apart from the runs.
+
+Inputs are run directories written by ``patchcert certify --out RUN`` (``records.jsonl`` +
+``summary.json``, see :mod:`patchcert.results`), possibly split into ``RUN/shard-i-of-n/``
+(merged here in memory; nothing is written into a run), and optionally attack runs written by
+``patchcert attack --out DIR`` (for the empirical robust accuracy). Outputs:
+
+* ``results.md`` / ``results.csv`` -- one row per run x defense x patch: clean, certified and
+  (with an attack run) robust accuracy, certification and forward seconds per image;
+* ``certified_vs_square_patch.png`` -- certified accuracy against an s x s patch as a
+  function of s, from the records' ``largest_square`` (BagCert Fig. 3);
+* ``certified_vs_aspect_ratio.png`` -- certified accuracy against rectangles of one area as a
+  function of their shape (BagCert Fig. 4), from ``--patch area=A`` results (per-rectangle
+  certificates in the records) or from explicit rectangles ``--patch 1x24 --patch 2x12 ...``;
+* ``clean_vs_certified.png`` -- clean vs certified accuracy across runs and defenses (Fig. 2);
+* ``accuracy_bounds.png`` -- clean / robust (attack, upper bound) / certified (lower bound);
+* ``vulnerability_<run>_<index>.png`` -- image, region scores of the true class and the
+  worst-case margin over patch placements, worst placement outlined (Fig. 6); needs the run's
+  ``scores.safetensors`` (``patchcert certify --save-scores``) and, for the image, the data.
+
+Plots are drawn on standalone ``matplotlib.figure.Figure`` objects (the library never switches
+matplotlib's backend or touches pyplot state) and never prints (it logs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import PatchcertError
+from ..results import SCORES_FILE
+from .load import AttackRunData, CertifyRunData, _unique_names, load_attack_run, load_certify_run
+from .plots import (
+    aspect_series,
+    plot_aspect_ratios,
+    plot_attack_example,
+    plot_bounds,
+    plot_clean_vs_certified,
+    plot_square_sizes,
+    square_curve,
+)
+from .tables import CSV_FIELDS, ReportRow, report_rows, rows_to_csv, rows_to_markdown
+from .vulnerability import plot_vulnerability, region_scores
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CertifyRunData",
+    "AttackRunData",
+    "ReportRow",
+    "ReportOutput",
+    "CSV_FIELDS",
+    "load_certify_run",
+    "load_attack_run",
+    "report_rows",
+    "rows_to_markdown",
+    "rows_to_csv",
+    "square_curve",
+    "aspect_series",
+    "plot_square_sizes",
+    "plot_aspect_ratios",
+    "plot_clean_vs_certified",
+    "plot_bounds",
+    "plot_attack_example",
+    "plot_vulnerability",
+    "region_scores",
+    "make_report",
+]
+
+
+# -- everything --------------------------------------------------------------------------
+
+@dataclass
+class ReportOutput:
+    """What :func:`make_report` wrote."""
+
+    rows: list[ReportRow]
+    files: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # plots not made, with the reason
+    markdown: str = ""
+
+
+def make_report(
+    runs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    attacks: Sequence[str | os.PathLike] = (),
+    examples: Sequence[int] = (),
+    map_patch: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    plots: bool = True,
+) -> ReportOutput:
+    """Load every run (merging shards), write tables and plots into ``out_dir``.
+
+    ``plots=False`` skips the summary plots; vulnerability maps are drawn whenever
+    ``examples`` are given. Every run is loaded (and validated) before anything is written.
+    """
+    from ..checkpoint import atomic_write_text
+
+    if not runs and not attacks:
+        raise PatchcertError("no run given")
+    run_paths = [Path(p) for p in runs]
+    att_paths = [Path(p) for p in attacks]
+    loaded = [load_certify_run(p) for p in run_paths]
+    for run, name in zip(loaded, _unique_names(run_paths)):
+        run.name = name
+    att = [load_attack_run(p) for p in att_paths]
+    for a, name in zip(att, _unique_names(att_paths)):
+        a.name = name
+    bad_ex = [e for e in examples if not isinstance(e, int) or e < 0]
+    if bad_ex:
+        raise PatchcertError(f"example indices must be non-negative integers, got {bad_ex}")
+    from ..rundir import prepare
+
+    out = prepare(out_dir)
+    rows = report_rows(loaded, att)
+    res = ReportOutput(rows=rows)
+    md_table = rows_to_markdown(rows)
+    atomic_write_text(out / "results.csv", rows_to_csv(rows))
+    res.files.append(out / "results.csv")
+    images: list[tuple[str, Path]] = []
+    if plots:
+        for fname, title, fn, arg, why in (
+            ("certified_vs_square_patch.png", "Certified accuracy vs square patch size", plot_square_sizes, loaded,
+             "no largest_square in the records (certify with --square-cap > 0)"),
+            ("certified_vs_aspect_ratio.png", "Certified accuracy vs aspect ratio at fixed area", plot_aspect_ratios,
+             loaded, "no per-rectangle results (certify with --patch area=24, or --patch 1x24 --patch 2x12 ...)"),
+            ("clean_vs_certified.png", "Clean vs certified accuracy", plot_clean_vs_certified, rows, "no results"),
+            ("accuracy_bounds.png", "Certified (lower) and attacked (upper) bounds", plot_bounds, rows,
+             "no attack run (--attack DIR)"),
+        ):
+            if fn(arg, out / fname):
+                images.append((title, out / fname))
+            else:
+                res.skipped.append(f"{fname}: {why}")
+    if examples:
+        for run in loaded:
+            if not (run.path / SCORES_FILE).is_file():
+                res.skipped.append(f"vulnerability maps of {run.name}: no {SCORES_FILE} (certify with --save-scores)")
+                continue
+            for p in plot_vulnerability(run, list(examples), out, patch=map_patch, data_dir=data_dir):
+                images.append((f"Vulnerability map: {p.stem.removeprefix('vulnerability_')}", p))
+    res.files += [p for _, p in images]
+    lines = ["# patchcert report", "", "Runs: " + ", ".join(f"`{r.path}`" for r in loaded)]
+    if att:
+        lines.append("Attack runs: " + ", ".join(f"`{a.path}`" for a in att))
+    lines += ["", "Accuracies over the run's examples; certified = a lower bound on robust accuracy, robust (attack) "
+              "= accuracy under the heuristic patch attack, an upper bound.", "", md_table]
+    for title, p in images:
+        lines += [f"## {title}", "", f"![{title}]({p.name})", ""]
+    if res.skipped:
+        lines += ["## Not plotted", ""] + [f"- {s}" for s in res.skipped] + [""]
+    res.markdown = md_table
+    atomic_write_text(out / "results.md", md_table)
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    res.files = [out / "report.md", out / "results.md"] + res.files
+    return res
