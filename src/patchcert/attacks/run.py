@@ -97,7 +97,7 @@ def _plan(model, data, defenses, patches, config, strong, batch_size, device, dt
     from ..runtime import resolve_device
     from ..data import as_image_dataset
 
-    data = as_image_dataset(data)
+    data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
     src = _model_source(model, data)
     n = _check_selection(start, num_examples, batch_size, src)
     if isinstance(save_png, bool) or not isinstance(save_png, int) or save_png < 0:

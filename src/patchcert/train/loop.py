@@ -579,6 +579,30 @@ def _build(cfg: TrainConfig, train_set: ImageSource, eval_set: ImageSource, devi
     return model, objective, module, opt, eval_defense
 
 
+def _save_epoch(cfg: TrainConfig, out: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                device: torch.device, objective: Objective, train_set: ImageSource, eval_set: ImageSource,
+                resolved: dict[str, Any], history: list[dict], world: int, eval_defense: dict[str, Any]) -> None:
+    """Rank 0, after an epoch: the log, the model checkpoint, then the training state (last: the
+    state names a finished epoch)."""
+    row = history[-1]
+    epoch = int(row["epoch"])
+    _write_csv(out / "log.csv", history)
+    opt_tensors, opt_info = _optimizer_tensors(opt)
+    meta = {"config": resolved, "epoch": epoch, "history": history, "optimizer": opt_info,
+            "world_size": world, "objective": objective.describe(), "eval_defense": eval_defense}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.data"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    save_checkpoint(out / "model.safetensors", model, classes=list(train_set.classes),
+                    data=train_set.info, epoch=epoch, metrics=row, train_config=resolved,
+                    objective=objective.describe(),
+                    eval={"examples": len(eval_set), "patch": cfg.eval_patch, "defense": eval_defense})
+    save_tensors(out / "state.safetensors", tensors, meta)
+
+
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[int, int, float], None] | None = None,
           stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -711,21 +735,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
             history.append(row)
             metrics = row
             if rank == 0:
-                _write_csv(out / "log.csv", history)
-                opt_tensors, opt_info = _optimizer_tensors(opt)
-                meta = {"config": resolved, "epoch": epoch + 1, "history": history, "optimizer": opt_info,
-                        "world_size": world, "objective": objective.describe(), "eval_defense": eval_defense}
-                tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-                tensors.update(opt_tensors)
-                tensors["rng.data"] = gen.get_state()
-                tensors["rng.torch"] = torch.get_rng_state()
-                if device.type == "cuda":
-                    tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-                save_checkpoint(out / "model.safetensors", model, classes=list(train_set.classes),
-                                data=train_set.info, epoch=epoch + 1, metrics=row, train_config=resolved,
-                                objective=objective.describe(),
-                                eval={"examples": len(eval_set), "patch": cfg.eval_patch, "defense": eval_defense})
-                save_tensors(state_path, tensors, meta)  # last: the state names a finished epoch
+                _save_epoch(cfg, out, model, opt, gen, device, objective, train_set, eval_set, resolved, history,
+                            world, eval_defense)
                 log.info("epoch %d/%d loss %.4f clean %.3f cert %.3f (%.0f img/s)", epoch + 1, cfg.epochs,
                          row["loss"], row["eval_clean_acc"], row["eval_cert_acc"], row["train_img_per_s"])
             if world > 1:
