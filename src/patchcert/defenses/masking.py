@@ -314,7 +314,10 @@ class Masking(Defense):
     def _masked_totals(self, prep: Prepared) -> torch.Tensor:
         H, W = prep.size
         win = (min(self.window[0], H), min(self.window[1], W))
-        m = prep.window_sums(win).amax((2, 3))  # [N, K] strongest window per class
+        S = prep.window_sums(win)  # [N, K, Hp, Wp]
+        if win == self.window:
+            prep.extra["window_sums"] = S  # the analysis needs them too
+        m = S.amax((2, 3))  # [N, K] strongest window per class
         g = prep.total
         return torch.where(self._detected(m, g), g - m, g)
 
@@ -356,7 +359,9 @@ class Masking(Defense):
         """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
         T, q = self.threshold, self.grid
         N = prep.total.shape[0]
-        S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
+        S = prep.extra.get("window_sums")
+        if S is None:
+            S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
         t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
         yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
         Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
