@@ -82,6 +82,9 @@ def reference_clipping(d: Clipping, scores, labels, windows) -> torch.Tensor:
 
 
 def reference_masking(d: Masking, scores, labels, windows) -> torch.Tensor:
+    """Alg. 2 by a loop over placements. The cases use T = 0 and T = 0.5, where the float tests
+    below are exact (``fl(m / g) > 0.5`` iff ``m / g > 1/2`` for grid integers; ``t / 0.5`` is
+    exact); for other T the defense decides them in exact rational arithmetic."""
     v = d.features_of(scores)
     N, K, H, W = v.shape
     mh, mw = d.window
