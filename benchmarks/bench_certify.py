@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = (t_load + wall) / base
             entry = {"defenses": defenses, "patches": patches, "wall_s": wall, "ms_per_image": 1000 * wall / n,
                      "ratio_to_loading_plus_forward": ratio,
-                     "forward_ms_in_run": 1000 * (md.forward_seconds_per_image or 0.0), "parts_ms": {}}
+                     "forward_ms_in_run": 1000 * (md.forward_seconds_per_image or 0.0), "parts_ms": {},
+                     "certify_ms": {}, "certified": {}, "square_curves": run.summary.square_curves}
             log(f"\n[{name}, square search {method}] certify_dataset {wall:.2f} s ({1000 * wall / n:.3f} ms/img); "
                 f"(loading + run) / (loading + forward) = {ratio:.3f}")
             for k, parts in md.defense_seconds_per_image.items():
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     + " ms/img")
             for r in run.summary.results:
                 ms = 1000 * (r.certify_seconds_per_image or 0.0)
+                entry["certify_ms"].setdefault(r.defense, {})[r.patch] = ms
+                entry["certified"].setdefault(r.defense, {})[r.patch] = r.certified_accuracy
                 log(f"  {r.defense} {r.patch}: certify {ms:.3f} ms/img ({100 * ms / out['forward_ms_per_image']:.1f}% "
                     f"of the forward pass), certified {100 * r.certified_accuracy:.2f}%")
             out["runs"][f"{name}/{method}"] = entry
