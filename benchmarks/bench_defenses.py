@@ -82,6 +82,9 @@ def reference_clipping(d: Clipping, scores, labels, windows) -> torch.Tensor:
 
 
 def reference_masking(d: Masking, scores, labels, windows) -> torch.Tensor:
+    """Alg. 2 by a loop over placements. The cases use T = 0 and T = 0.5, where the float tests
+    below are exact (``fl(m / g) > 0.5`` iff ``m / g > 1/2`` for grid integers; ``t / 0.5`` is
+    exact); for other T the defense decides them in exact rational arithmetic."""
     v = d.features_of(scores)
     N, K, H, W = v.shape
     mh, mw = d.window
@@ -109,6 +112,14 @@ def reference_masking(d: Masking, scores, labels, windows) -> torch.Tensor:
             margin = (ty - M)[:, None] - ub
             ok &= ~_tie_bad(margin, labels)
     return ok
+
+
+class MaskingOffsets(Masking):
+    """Masking with the overlap maxima computed as before issue 10: one shifted slice per overlap
+    offset, ``(2h-1)(2w-1)`` steps (cost grows with the window area). Same answers."""
+
+    def _overlap_max(self, Ay, Cy, fy, size):
+        return self._overlap_max_offsets(Ay, Cy, size)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -158,6 +169,49 @@ def forward_cost(batch: int, repeats: int) -> float:
     return best / batch * 1e6
 
 
+def sweep(args, fwd: float) -> bool:
+    """Every square window 1x1 .. HxW on [10, 32, 32] maps: each defense's certificate as a share of
+    the forward pass; masking also with the per-offset overlap loop it replaced (same answers)."""
+    K, H, W = 10, 32, 32
+    sizes = [int(x) for x in args.sweep_sizes.split(",")] if args.sweep_sizes else list(range(1, min(H, W) + 1))
+    print("| window | voting 3.2 µs | clipping µs | masking T=0 µs | masking T=0.5 µs | max / forward "
+          "| masking, offset loop µs | loop / new |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    worst = 0.0
+    for s_ in sizes:
+        w = [(s_, s_)]
+        row = []
+        for d, scale in ((create_defense("voting"), 1.0), (create_defense("clipping", clip="tanh"), 20.0),
+                         (create_defense("masking", window=(s_, s_)), 1.0),
+                         (create_defense("masking", window=(s_, s_), threshold=0.5), 1.0)):
+            t = 0.0
+            for start in range(0, args.sweep_n, args.chunk):
+                m = min(args.chunk, args.sweep_n - start)
+                sc, y = make_maps(m, (K, H, W), seed=args.seed + 7919 * s_ + start, scale=scale)
+                _, dt = timed(d.certify, sc, y, w)
+                t += dt
+            row.append(t / args.sweep_n * 1e6)
+        t_old = 0.0
+        old_d, new_d = MaskingOffsets(window=(s_, s_)), create_defense("masking", window=(s_, s_))
+        for start in range(0, args.sweep_n, args.chunk):
+            m = min(args.chunk, args.sweep_n - start)
+            sc, y = make_maps(m, (K, H, W), seed=args.seed + 7919 * s_ + start)
+            r_old, dt = timed(old_d.certify_details, sc, y, w)
+            t_old += dt
+            r_new = new_d.certify_details(sc, y, w)
+            if not (torch.equal(r_old.certified, r_new.certified) and torch.equal(r_old.margin, r_new.margin)):
+                print(f"MISMATCH masking {s_}x{s_}: offset loop and new algorithm differ", file=sys.stderr)
+                ok = False
+        us_old = t_old / args.sweep_n * 1e6
+        share = max(row) / fwd
+        worst = max(worst, share)
+        print(f"| {s_}x{s_} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.1f} | {100 * share:.2f}% "
+              f"| {us_old:.1f} | {us_old / row[2]:.1f}x |", flush=True)
+    print(f"\nlargest certificate cost at any window: {100 * worst:.2f}% of the forward pass")
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="maps per case (default 10000)")
@@ -166,8 +220,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--forward-batch", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated substrings of case labels to run")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: every square window up to the map, each defense vs the forward pass")
+    ap.add_argument("--sweep-n", type=int, default=500, help="maps per window size in --sweep (default 500)")
+    ap.add_argument("--sweep-sizes", default="", help="comma-separated window sides for --sweep (default 1..32)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        fwd = forward_cost(args.forward_batch, repeats=3)
+        print(f"# patchcert defense cost by window size: n={args.sweep_n} maps [10, 32, 32] per size, "
+              f"threads={args.threads}, torch {torch.__version__}")
+        print(f"# forward pass bagcert_cifar(width=64, rf=7), batch {args.forward_batch}: {fwd:.0f} µs/image (CPU time)")
+        print()
+        return 0 if sweep(args, fwd) else 1
 
     g7 = Geometry(rf=7, stride=1, input_size=(32, 32))
     w_square = patch_windows(g7, "5x5", (32, 32))  # [(11, 11)]

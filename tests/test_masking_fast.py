@@ -59,12 +59,17 @@ def test_overlap_max_matches_brute_force(seed):
         assert torch.equal(overlap_max(f, h, w, wrap), brute_overlap(f, h, w, wrap)), (H, W, h, w, wrap)
 
 
-def test_overlap_max_matches_the_offset_loop():
-    """Larger maps (up to 16x16, windows up to the map) against the per-offset loop it replaced."""
+@pytest.mark.parametrize("group", [1, 100, 1 << 18])
+def test_overlap_max_matches_the_offset_loop(group, monkeypatch):
+    """Larger maps (up to 16x16, windows up to the map) against the per-offset loop it replaced,
+    with the loop over row offsets in steps of one, a few and all offsets."""
+    import patchcert.defenses.masking as masking
+
+    monkeypatch.setattr(masking, "_GROUP_ELEMENTS", group)
     rng = random.Random(5)
     g = torch.Generator().manual_seed(5)
     seen = 0
-    while seen < 400:
+    while seen < 150:
         H, W = rng.randint(1, 16), rng.randint(1, 16)
         h, w = rng.choice([H, rng.randint(1, H)]), rng.choice([W, rng.randint(1, W)])
         wrap = rng.random() < 0.4

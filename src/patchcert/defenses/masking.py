@@ -91,6 +91,9 @@ FEATURES = ("logits", "confidence", "prediction")
 
 _SPLIT = 134217729.0  # 2^27 + 1 (Veltkamp)
 
+#: elements per step of the loop over row offsets in :func:`overlap_max` (cache-sized steps)
+_GROUP_ELEMENTS = 1 << 18
+
 
 def _split(x):
     """Veltkamp split ``x = hi + lo`` with at most 26 significant bits in each part (float or
@@ -203,14 +206,21 @@ def _overlap_max_ul(f: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B = C[:, :Hp, w : w + Wp]  # C[i, c + w]                             (i, c)
     E = C[:, h : h + Hp, :Wp]  # C[r + h, j]                             (r, j)
     ninf = float("-inf")
-    # a-th plane of the stacks: row i holds G[i - a] / E[i - a] (-inf where i < a)
-    # columns padded on the left for the sliding max over c = j - w + 1 .. j (c >= 0)
-    Gs = F.pad(G, (w - 1, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp+w-1, Hp]
-    Fa = Gs.transpose(2, 3) + F.pad(B, (w - 1, 0))[:, None]  # [N, h, Hp, Wp+w-1]: F_a[i, c]
-    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1).flip(1)  # [N, h, Wp, Hp]
-    V = sliding_max(Fa, w) + Es.transpose(2, 3)  # [N, h, Hp, Wp]
-    out = V.amax(1) - C[:, :Hp, :Wp]
-    return out.clamp_(min=0.0)
+    # the window k of the unfolded (padded) rows is row offset a = h - 1 - k: row i holds
+    # G[i - a] / E[i - a] (-inf where i < a); columns padded on the left for the sliding max over
+    # c = j - w + 1 .. j (c >= 0)
+    Gs = F.pad(G, (w - 1, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1)  # [N, h, Wp+w-1, Hp] (view)
+    Es = F.pad(E, (0, 0, h - 1, 0), value=ninf).unfold(1, Hp, 1)  # [N, h, Wp, Hp] (view)
+    Bp = F.pad(B, (w - 1, 0))[:, None]  # [N, 1, Hp, Wp+w-1]
+    best = None
+    group = max(1, _GROUP_ELEMENTS // max(1, N * Hp * (Wp + w - 1)))  # row offsets per step
+    for k0 in range(0, h, group):
+        k1 = min(h, k0 + group)
+        Fa = Gs[:, k0:k1].transpose(2, 3) + Bp  # [N, g, Hp, Wp+w-1]: F_a[i, c]
+        V = (sliding_max(Fa, w) + Es[:, k0:k1].transpose(2, 3)).amax(1)  # [N, Hp, Wp]
+        best = V if best is None else torch.maximum(best, V, out=best)
+    assert best is not None
+    return best.sub_(C[:, :Hp, :Wp]).clamp_(min=0.0)
 
 
 def overlap_max(f: torch.Tensor, h: int, w: int, wrap: bool) -> torch.Tensor:
@@ -218,8 +228,9 @@ def overlap_max(f: torch.Tensor, h: int, w: int, wrap: bool) -> torch.Tensor:
     placement ``P`` of an ``h x w`` window on ``f`` ``[N, H, W]`` (``h <= H``, ``w <= W``):
     ``[N, Hp, Wp]``. The four quadrants of offsets are the up-left one of the flipped planes.
     With wrap-around (needs ``2h - 1 <= H`` and ``2w - 1 <= W``, so that P and Q never meet
-    on both sides), the plane is the map extended periodically by ``h - 1`` rows and ``w - 1``
-    columns on each side, cropped back to the ``H x W`` placements. Cost per placement
+    on both sides), the plane is the map extended periodically (``h - 1`` rows above,
+    ``2(h - 1)`` below, the same for columns: room for every Q overlapping the ``H x W``
+    placements kept), and the result is cropped back to those placements. Cost per placement
     ``O(min(h, w) log max(h, w))`` instead of the ``(2h - 1)(2w - 1)`` offsets."""
     if h > w:  # vectorise over the shorter side
         return overlap_max(f.transpose(1, 2), w, h, wrap).transpose(1, 2)
@@ -303,7 +314,10 @@ class Masking(Defense):
     def _masked_totals(self, prep: Prepared) -> torch.Tensor:
         H, W = prep.size
         win = (min(self.window[0], H), min(self.window[1], W))
-        m = prep.window_sums(win).amax((2, 3))  # [N, K] strongest window per class
+        S = prep.window_sums(win)  # [N, K, Hp, Wp]
+        if win == self.window:
+            prep.extra["window_sums"] = S  # the analysis needs them too
+        m = S.amax((2, 3))  # [N, K] strongest window per class
         g = prep.total
         return torch.where(self._detected(m, g), g - m, g)
 
@@ -345,7 +359,9 @@ class Masking(Defense):
         """Per-placement margin and worst class ``[N, Hp, Wp]`` for the mask window."""
         T, q = self.threshold, self.grid
         N = prep.total.shape[0]
-        S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
+        S = prep.extra.get("window_sums")
+        if S is None:
+            S = prep.window_sums(self.window)  # [N, K, Hp, Wp]
         t = prep.total[:, :, None, None] - S  # evidence the patch cannot touch
         yidx = labels[:, None, None, None].expand(-1, 1, *S.shape[2:])
         Ay = S.gather(1, yidx)[:, 0]  # label's window sums [N, Hp, Wp]
@@ -417,5 +433,6 @@ class Masking(Defense):
         if self.wrap and not (2 * mh - 1 <= H and 2 * mw - 1 <= W):  # the offset loop's box sums
             return max(base, mh * mw * (2 * H) * (2 * W) + 8 * H * W)
         R, S = (H + 3 * (mh - 1), W + 3 * (mw - 1)) if self.wrap else (H, W)
-        # overlap_max: 4 planes x min(h, w) row offsets x placements x padded columns, ~3 alive
-        return max(base, 3 * 4 * min(mh, mw) * R * (S + max(mh, mw)))
+        # overlap_max: 4 planes, their tables and a few [R, S] intermediates per image (the
+        # loop over row offsets works in steps of _GROUP_ELEMENTS)
+        return max(base, 4 * 8 * (R + 1) * (S + max(mh, mw)))
