@@ -112,7 +112,8 @@ def commands(folder: Path, n: int, out: Path) -> dict[str, list[str]]:
     model = {"rf": 17, "width": 8}
     train = [*exe, "train", *data, "--model", "bagcert_imagenet", "--set", f"model_cfg={json.dumps(model)}",
              "--set", 'dataset_cfg={"size": 224, "resize": 256}', "--epochs", "1", "--batch-size", "32",
-             "--set", "warmup_epochs=0", "--set", "eval_examples=64", "--set", "eval_patch=2%",
+             "--set", "warmup_epochs=0", "--set", "eval_examples=64", "--set", "eval_batch_size=32",
+             "--set", "eval_patch=2%",
              "--set", "data_workers=2", "--no-progress"]
     return {
         "certify": [*exe, "certify", "--model", "bagcert_imagenet", "--model-cfg", json.dumps(model), *data,
