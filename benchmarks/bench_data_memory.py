@@ -16,7 +16,8 @@ Commands measured for each folder (a random-init ``bagcert_imagenet`` RF 17 at w
 path, not the model, is what is measured):
 
 * ``certify``: every image of the folder, batch 32, 2 workers, voting, a 2% patch.
-* ``train (stream)``: one epoch over the folder, batch 32, 2 workers (the default for folders).
+* ``train (stream)``: one epoch over the folder, batch 32, 2 workers (the default for folders), then an
+  evaluation of 64 images (batch 32).
 * ``train (memory)``: the same epoch with ``loader = "memory"`` (every image decoded into RAM
   first, as ``load_image_folder`` did before issue 10), for comparison.
 
