@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "patchcert-jpegs"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--only", nargs="*", help="command names to run (default: all)")
+    ap.add_argument("--md", help="also write the results as a markdown file (e.g. benchmarks/data_memory.md)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []
@@ -144,11 +145,41 @@ def main() -> None:
                 rows.append((name, n, r))
                 print(f"{name:15s} n={n:5d}  main {r['main_peak_mib']:7.0f} MiB  tree RSS {r['tree_peak_rss_mib']:7.0f} "
                       f"MiB  tree PSS {r['tree_peak_pss_mib']:7.0f} MiB  {r['seconds']:6.1f} s", flush=True)
-    print("\n| command | images | main process peak RSS | process tree peak RSS (sum) | process tree peak PSS | wall |")
-    print("|---|---|---|---|---|---|")
+    table = ["| command | images | main process peak RSS | process tree peak RSS (sum) | process tree peak PSS | wall |",
+             "|---|---|---|---|---|---|"]
     for name, n, r in rows:
-        print(f"| {name} | {n:,} | {r['main_peak_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
-              f"{r['tree_peak_pss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+        table.append(f"| {name} | {n:,} | {r['main_peak_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
+                     f"{r['tree_peak_pss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+    growth = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = sorted((n, r) for nm, n, r in rows if nm == name)
+        if len(mine) >= 2:
+            (n0, r0), (n1, r1) = mine[0], mine[-1]
+            growth.append(f"* {name}: {n0:,} -> {n1:,} images: main process {r1['main_peak_mib'] - r0['main_peak_mib']:+.0f} "
+                          f"MiB, process tree (PSS) {r1['tree_peak_pss_mib'] - r0['tree_peak_pss_mib']:+.0f} MiB")
+    print("\n" + "\n".join(table) + ("\n\n" + "\n".join(growth) if growth else ""))
+    if args.md:
+        import platform
+
+        import torch
+
+        cmd = "python benchmarks/bench_data_memory.py " + " ".join(sys.argv[1:])
+        doc = [
+            "# Peak memory of certify and of one training epoch on an image folder (issue 10)",
+            "",
+            f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {os.cpu_count()} CPUs).",
+            "",
+            (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip(),
+            "",
+            *table,
+            "",
+            "Growth with the folder:",
+            "",
+            *growth,
+            "",
+        ]
+        Path(args.md).write_text("\n".join(doc))
 
 
 if __name__ == "__main__":
