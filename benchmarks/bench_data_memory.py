@@ -16,7 +16,8 @@ Commands measured for each folder (a random-init ``bagcert_imagenet`` RF 17 at w
 path, not the model, is what is measured):
 
 * ``certify``: every image of the folder, batch 32, 2 workers, voting, a 2% patch.
-* ``train (stream)``: one epoch over the folder, batch 32, 2 workers (the default for folders).
+* ``train (stream)``: one epoch over the folder, batch 32, 2 workers (the default for folders), then an
+  evaluation of 64 images (batch 32).
 * ``train (memory)``: the same epoch with ``loader = "memory"`` (every image decoded into RAM
   first, as ``load_image_folder`` did before issue 10), for comparison.
 
@@ -112,7 +113,8 @@ def commands(folder: Path, n: int, out: Path) -> dict[str, list[str]]:
     model = {"rf": 17, "width": 8}
     train = [*exe, "train", *data, "--model", "bagcert_imagenet", "--set", f"model_cfg={json.dumps(model)}",
              "--set", 'dataset_cfg={"size": 224, "resize": 256}', "--epochs", "1", "--batch-size", "32",
-             "--set", "warmup_epochs=0", "--set", "eval_examples=64", "--set", "eval_patch=2%",
+             "--set", "warmup_epochs=0", "--set", "eval_examples=64", "--set", "eval_batch_size=32",
+             "--set", "eval_patch=2%",
              "--set", "data_workers=2", "--no-progress"]
     return {
         "certify": [*exe, "certify", "--model", "bagcert_imagenet", "--model-cfg", json.dumps(model), *data,
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "patchcert-jpegs"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--only", nargs="*", help="command names to run (default: all)")
+    ap.add_argument("--md", help="also write the results as a markdown file (e.g. benchmarks/data_memory.md)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []
@@ -142,11 +145,41 @@ def main() -> None:
                 rows.append((name, n, r))
                 print(f"{name:15s} n={n:5d}  main {r['main_peak_mib']:7.0f} MiB  tree RSS {r['tree_peak_rss_mib']:7.0f} "
                       f"MiB  tree PSS {r['tree_peak_pss_mib']:7.0f} MiB  {r['seconds']:6.1f} s", flush=True)
-    print("\n| command | images | main process peak RSS | process tree peak RSS (sum) | process tree peak PSS | wall |")
-    print("|---|---|---|---|---|---|")
+    table = ["| command | images | main process peak RSS | process tree peak RSS (sum) | process tree peak PSS | wall |",
+             "|---|---|---|---|---|---|"]
     for name, n, r in rows:
-        print(f"| {name} | {n:,} | {r['main_peak_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
-              f"{r['tree_peak_pss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+        table.append(f"| {name} | {n:,} | {r['main_peak_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
+                     f"{r['tree_peak_pss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+    growth = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = sorted((n, r) for nm, n, r in rows if nm == name)
+        if len(mine) >= 2:
+            (n0, r0), (n1, r1) = mine[0], mine[-1]
+            growth.append(f"* {name}: {n0:,} -> {n1:,} images: main process {r1['main_peak_mib'] - r0['main_peak_mib']:+.0f} "
+                          f"MiB, process tree (PSS) {r1['tree_peak_pss_mib'] - r0['tree_peak_pss_mib']:+.0f} MiB")
+    print("\n" + "\n".join(table) + ("\n\n" + "\n".join(growth) if growth else ""))
+    if args.md:
+        import platform
+
+        import torch
+
+        cmd = "python benchmarks/bench_data_memory.py " + " ".join(sys.argv[1:])
+        doc = [
+            "# Peak memory of certify and of one training epoch on an image folder (issue 10)",
+            "",
+            f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {os.cpu_count()} CPUs).",
+            "",
+            (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip(),
+            "",
+            *table,
+            "",
+            "Growth with the folder:",
+            "",
+            *growth,
+            "",
+        ]
+        Path(args.md).write_text("\n".join(doc))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,20 @@ def test_load_batches_is_ordered_and_the_same_with_workers(tmp_path):
                 assert torch.equal(x, eager.images[idx]) and torch.equal(y, eager.labels[idx])
 
 
+def test_worker_start_method(monkeypatch, caplog):
+    import multiprocessing
+
+    from patchcert.loader import worker_start_method
+
+    monkeypatch.delenv("PATCHCERT_WORKER_START", raising=False)
+    default = worker_start_method()
+    assert default == ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None)
+    monkeypatch.setenv("PATCHCERT_WORKER_START", "spawn")
+    assert worker_start_method() == "spawn"
+    monkeypatch.setenv("PATCHCERT_WORKER_START", "threads")
+    assert worker_start_method() == default and "ignoring PATCHCERT_WORKER_START" in caplog.text
+
+
 # -- the streaming training path -------------------------------------------------------------------
 
 TINY = dict(model="bagcert_cifar", model_cfg={"rf": 5, "width": 4}, dataset="synthetic", epochs=3, batch_size=16,
@@ -212,7 +226,8 @@ def test_torchrun_stream_ranks_read_disjoint_shares_and_match_one_process(tmp_pa
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "out_dir": str(tmp_path / "ddp")}))
     trace = tmp_path / "trace"
     trace.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # forked workers inherit the helper's tracing patch (fork-server workers would import the unpatched class)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATCHCERT_WORKER_START": "fork"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(TESTS / "ddp_trace_train.py"), str(tmp_path / "cfg.json"), str(trace)]

@@ -21,6 +21,7 @@ global batches as a run on one.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -37,6 +38,8 @@ __all__ = [
     "TrainView",
     "load_batches",
     "default_workers",
+    "worker_start_method",
+    "make_loader",
     "STREAM_SHUFFLE",
     "STREAM_AUGMENT",
     "STREAM_OBJECTIVE",
@@ -180,17 +183,54 @@ def default_workers(source: ImageSource | TrainView) -> int:
     return min(4, os.cpu_count() or 1)
 
 
+_START_METHODS = ("forkserver", "spawn", "fork")
+_preload_set = False
+
+
+def worker_start_method() -> str | None:
+    """How DataLoader workers start: ``$PATCHCERT_WORKER_START`` (forkserver | spawn | fork), else
+    ``forkserver`` where the platform has it, else the platform's default (``None``).
+
+    Forked workers share the parent's pages copy-on-write; every page the parent rewrites later
+    (its allocator reusing freed activations, parameters and optimizer state updated in place)
+    stays behind, privately, in every worker: a worker forked from a trained model grows towards
+    the parent's size. Workers from the fork server start from a small process that has imported
+    only torch and patchcert, so their memory stays small whatever the parent holds. As with
+    ``spawn`` (and Python 3.14's default), a script that starts workers must guard its entry
+    point with ``if __name__ == "__main__":``; the ``patchcert`` command does.
+    """
+    global _preload_set
+    env = os.environ.get("PATCHCERT_WORKER_START")
+    methods = multiprocessing.get_all_start_methods()
+    if env:
+        if env not in _START_METHODS or env not in methods:
+            log.warning("ignoring PATCHCERT_WORKER_START=%r (use one of %s)", env,
+                        ", ".join(m for m in _START_METHODS if m in methods))
+        else:
+            method = env
+            if method != "forkserver":
+                return method
+    if "forkserver" not in methods:
+        return None
+    if not _preload_set:  # workers forked from the server find torch and patchcert imported
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "patchcert.loader"])
+        _preload_set = True
+    return "forkserver"
+
+
 def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_workers: int,
                 pin_memory: bool = False, persistent: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batch_sampler`` with the collate of this module (``(x, y, idx)``).
 
     It has its own generator for the workers' base seed, so iterating it never advances the
     global torch RNG (which a resumed run restores: shake-shake, initialisation); the data's
-    randomness comes from explicit per-example generators anyway.
+    randomness comes from explicit per-example generators anyway. Workers start per
+    :func:`worker_start_method`.
     """
     kw: dict = {}
     if num_workers > 0:
-        kw = {"persistent_workers": persistent, "prefetch_factor": 2}
+        kw = {"persistent_workers": persistent, "prefetch_factor": 2,
+              "multiprocessing_context": worker_start_method()}
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                                        collate_fn=_collate, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(0), **kw)
