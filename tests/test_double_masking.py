@@ -430,3 +430,28 @@ def test_report_tables_and_plots_include_double_masking(tmp_path):
     keys = {(r.defense, r.patch) for r in res.rows}
     assert ("double-masking(k=2)", "5x5") in keys and ("voting(sign,3.2)", "5x5") in keys
     assert (tmp_path / "rep" / "results.md").read_text().count("double-masking(k=2)") >= 1
+
+
+def test_attack_dataset_attacks_double_masking_through_the_defense(tmp_path):
+    from patchcert.attacks import attack_dataset
+    from patchcert.certify import certify_dataset
+    from patchcert.data import synthetic_dataset
+    from patchcert.models import create_model
+
+    torch.manual_seed(2)
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    data = synthetic_dataset(n=4, num_classes=3, size=32)
+    run = attack_dataset(m, data, defenses=["double-masking:k=2"], patches=["5x5"], batch_size=4,
+                         out_dir=tmp_path / "att", device="cpu")
+    cert = certify_dataset(m, data, defenses=["double-masking:k=2"], patches=["5x5"], batch_size=4, square_cap=0)
+    key = "double-masking(k=2)"
+    assert run.failures == []
+    for r, c in zip(run.records, cert.records):
+        o = r["defenses"][key]
+        assert o["pred"] == c.defenses[key].pred and o["certified"]["5x5"] == c.defenses[key].certified["5x5"]
+        a = o["attack"]["5x5"]
+        assert a["attacked"] == o["correct"] and not (a["success"] and o["certified"]["5x5"])
+        if a["attacked"]:
+            assert a["attempts"] >= 1 and a["steps"] == 20 * a["attempts"]
+    row = run.summary["results"][0]
+    assert row["certified_accuracy"] <= row["robust_accuracy"] <= row["clean_accuracy"]

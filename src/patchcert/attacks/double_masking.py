@@ -51,6 +51,8 @@ class DMAttackResult:
     adv_pred: torch.Tensor
     placement: list[tuple[int, int] | None] = field(default_factory=list)
     adv_images: dict[int, torch.Tensor] = field(default_factory=dict)
+    attempts: list[int] = field(default_factory=list)  # placements tried per image
+    steps: list[int] = field(default_factory=list)  # PGD steps spent per image
 
     @property
     def soundness_failures(self) -> list[int]:
@@ -143,8 +145,10 @@ def attack_double_masking(model: nn.Module, x: torch.Tensor, labels: torch.Tenso
     adv_images: dict[int, torch.Tensor] = {}
     masks = ms.boolean(x.device)
     cands = _placements(ms, (ph, pw), table, labels, n_random, g)
+    attempts = [0] * x.shape[0]
     for n in torch.nonzero(robust)[:, 0].tolist():
         for (top, left) in cands[n]:
+            attempts[n] += 1
             covered = masks[:, top:top + ph, left:left + pw].flatten(1).all(1)
             others = masks[~covered]
             with torch.enable_grad():
@@ -161,4 +165,4 @@ def attack_double_masking(model: nn.Module, x: torch.Tensor, labels: torch.Tenso
                     log.error("double masking: certified example %d broken by a patch at (%d, %d)", n, top, left)
                 break
     return DMAttackResult(pred=pred, certified=cert, robust=robust, adv_pred=adv_pred, placement=placement,
-                          adv_images=adv_images)
+                          adv_images=adv_images, attempts=attempts, steps=[a * steps for a in attempts])

@@ -109,10 +109,6 @@ def _plan(model, data, defenses, patches, config, strong, batch_size, device, dt
     dev = resolve_device(device)
     # exactly the defenses `certify` builds for this model (wrap-around windows on DS maps)
     defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
-    pixel = [dp.key for dp in defense_plans if dp.on_pixels]
-    if pixel:
-        raise PatchcertError(f"{pixel[0]} works on pixels; the score-map patch attack does not apply to it "
-                             "(see patchcert.attacks.double_masking)")
     prov = _provenance(model, data, None)
     job_config = json.loads(json.dumps({
         "format": 1, "kind": "attack", "model": prov["model"], "model_sha256": prov["model_sha256"],
@@ -165,6 +161,9 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
              for k, i in enumerate(idx.tolist())]
     for dp in job.defenses:
         d = dp.defense
+        if dp.on_pixels:
+            _attack_pixel_defense(job, dp, x, y, batch, seconds)
+            continue
         pred = d.predict(s)
         for k in range(len(batch)):
             batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]),
@@ -186,6 +185,49 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
             if png_rows and out is not None:
                 _save_pngs(job, out, d, dp.key, pp, x, s, pred, y, idx, chk.result, chk, png_rows, batch)
     return batch
+
+
+def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Tensor, batch: list[dict],
+                          seconds: dict[str, float]) -> None:
+    """Double masking: PGD patches evaluated through the defense (:mod:`patchcert.attacks.double_masking`),
+    for every shape of every threat until one breaks the example."""
+    from .double_masking import attack_double_masking
+
+    d = dp.defense
+    strong = bool(job.config["attack"].get("strong"))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        table = d.table(job.model, x, dp.mask_set)
+    pred = d.predict_table(table)
+    seconds[f"{dp.key}|table"] = seconds.get(f"{dp.key}|table", 0.0) + time.perf_counter() - t0
+    for k in range(len(batch)):
+        batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]), "certified": {},
+                                        "attack": {}}
+    for pp in job.patches:
+        t0 = time.perf_counter()
+        cert = d.certify_table(table, y, dp.mask_set, pp.shapes)
+        entries = [{"attacked": bool(pred[k] == y[k]), "success": False, "adv_pred": int(pred[k]), "patch": None,
+                    "pixel": None, "target": None, "attempts": 0, "steps": 0} for k in range(len(batch))]
+        for shape in pp.shapes:
+            todo = [k for k, e in enumerate(entries) if e["attacked"] and not e["success"]]
+            if not todo:
+                break
+            res = attack_double_masking(job.model, x[todo], y[todo], d, dp.mask_set, shape,
+                                        steps=50 if strong else 20, n_random=6 if strong else 2,
+                                        seed=job.config["seed"] or 0, table=table[todo])
+            for j, k in enumerate(todo):
+                e = entries[k]
+                e["attempts"] += res.attempts[j]
+                e["steps"] += res.steps[j]
+                if not bool(res.robust[j]):
+                    e.update(success=True, adv_pred=int(res.adv_pred[j]), patch=list(shape),
+                             pixel=list(res.placement[j]) if res.placement[j] else None)
+        key = f"{dp.key}|{pp.text}"
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        for k, e in enumerate(entries):
+            e["soundness_failure"] = bool(cert[k]) and e["success"]
+            batch[k]["defenses"][dp.key]["certified"][pp.text] = bool(cert[k])
+            batch[k]["defenses"][dp.key]["attack"][pp.text] = e
 
 
 def _summary(job: _AttackJob, records: list[dict], new: int, seconds: dict[str, float], command: str) -> dict:

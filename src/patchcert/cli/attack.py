@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PatchcertError
+from .certify import default_defenses
 
 log = logging.getLogger("patchcert.cli.attack")
 
@@ -32,6 +33,10 @@ The attack (per defense x patch, on every correctly classified example):
 (each overridable). Results: robust accuracy = correct and not broken (an upper bound on
 the true robust accuracy); certified accuracy is the lower bound. A certified example the
 attack breaks is a SOUNDNESS FAILURE: reported loudly, exit status 3.
+double-masking (PatchCleanser): per correctly classified example, PGD on the patch pixels (20
+steps of 0.1; --strong 50) against the undefended classifier plus the masked images whose mask
+does not cover the patch, at the masks of the first failing pair and 2 random placements
+(--strong 6); success = the real double-masking prediction changes.
 run directory (--out DIR): config.json, records.jsonl (one line per example, per batch),
 summary.json (at the end), png/ (--save-png N). --resume continues an interrupted run.
 --json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
@@ -49,7 +54,7 @@ def register(sub) -> None:
 
     add_model_data_arguments(p.add_argument_group("model and data (as patchcert certify)"), scores=False)
     t = p.add_argument_group("threat and defenses (as patchcert certify)")
-    t.add_argument("--defense", action="append", metavar="SPEC", help="defense spec, repeatable (default: voting)")
+    t.add_argument("--defense", action="append", metavar="SPEC", help="defense spec, repeatable (default: voting; double-masking for a global classifier)")
     t.add_argument("--patch", action="append", metavar="SPEC", help="patch spec, repeatable (default: 5x5)")
     a = p.add_argument_group("attack")
     a.add_argument("--strong", action="store_true", help="several locations/targets, restarts, more steps")
@@ -166,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = attack_dataset(
-            model, data, defenses=args.defense or ["voting"], patches=args.patch or ["5x5"], config=cfg,
+            model, data, defenses=args.defense or default_defenses(model), patches=args.patch or ["5x5"], config=cfg,
             strong=bool(args.strong), batch_size=args.batch_size, device=device, dtype=args.dtype,
             num_examples=args.num_examples, start=args.start, out_dir=out, resume=args.resume,
             save_png=args.save_png, seed=args.seed,

@@ -54,7 +54,7 @@ run directory (--out RUN): records.jsonl (one JSON object per example, written p
 """
 
 
-def _default_defenses(model: Any) -> list[str]:
+def default_defenses(model: Any) -> list[str]:
     """BagCert voting for a score-map model; double masking for a global classifier (its one-cell
     map leaves the score-map defenses nothing to certify)."""
     geom = getattr(model, "geometry", None)
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
                 stack.enter_context(hold_for_job(out))
             try:
                 result = certify_dataset(
-                    model, data, scores=sf, defenses=args.defense or _default_defenses(model), patches=args.patch or ["5x5"],
+                    model, data, scores=sf, defenses=args.defense or default_defenses(model), patches=args.patch or ["5x5"],
                     batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
                     start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
                     square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
