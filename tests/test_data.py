@@ -293,7 +293,11 @@ def test_synthetic_data_is_deterministic_and_splits_differ():
 
 def test_image_dataset_validation_and_subset():
     with pytest.raises(DataError, match="uint8"):
-        ImageDataset(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), ("a",), "x")
+        ImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.long), ("a",), "x")
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]"):
+        ImageDataset(torch.full((2, 3, 4, 4), 255.0), torch.zeros(2, dtype=torch.long), ("a",), "x")
+    ok = ImageDataset(torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, dtype=torch.long), ("a",), "x")  # float in [0, 1]
+    assert to_float(ok.images).dtype == torch.float32 and float(to_float(ok.images).max()) == 0.5
     with pytest.raises(DataError, match="labels of shape"):
         ImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), ("a",), "x")
     ds = synthetic_dataset(10, 2, 8)
