@@ -580,7 +580,9 @@ def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     d = Path(run_dir)
     prog_p, sum_p = d / PROGRESS_FILE, d / SUMMARY_FILE
     prog = read_json(prog_p) if prog_p.is_file() else {}
-    complete = sum_p.is_file() and bool(prog.get("complete", False))
+    # summary.json is written last, after every record: with no progress.json (a hand-made or
+    # copied run) it alone says the run is finished
+    complete = sum_p.is_file() and bool(prog.get("complete", True) if not prog_p.is_file() else prog.get("complete"))
     st: dict[str, Any] = {"complete": complete, "done": int(prog.get("done", 0)), "total": prog.get("total"),
                           "shards": None}
     if not complete and not sum_p.is_file() and not prog:
@@ -650,7 +652,9 @@ def _merge(d: Path, details: bool = False):
         if not st["complete"]:
             raise PatchcertError(f"cannot merge {d}: shard {i}/{n_sh} is incomplete ({st['done']}/{st['total']} "
                                  f"examples); finish it with --resume")
-        configs.append(read_json(p / CONFIG_FILE))
+        # config.json says exactly what the records depend on; a run copied without it is
+        # compared by its summary (model, dtype, defenses and patches) below
+        configs.append(read_json(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {})
         summaries.append(read_summary(p))
         all_records.extend(read_records(p / RECORDS_FILE))
     base = _comparable_config(configs[0])
@@ -658,6 +662,11 @@ def _merge(d: Path, details: bool = False):
         if _comparable_config(c) != base:
             diff = sorted(k for k in set(base) | set(c) if base.get(k) != c.get(k) and k != "shard")
             raise PatchcertError(f"cannot merge {d}: shard {i} was made with different options ({', '.join(diff)})")
+    sig = [([(r.defense, r.patch) for r in s.results], s.metadata.model_sha256, s.metadata.dtype) for s in summaries]
+    for i, g in enumerate(sig[1:], 1):
+        if g != sig[0]:
+            raise PatchcertError(f"cannot merge {d}: shard {i} was made with a different model, dtype, defenses or "
+                                 "patches")
     all_records.sort(key=lambda r: r.index)
     idx = [r.index for r in all_records]
     if len(set(idx)) != len(idx):
