@@ -136,13 +136,14 @@ def model_metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
 
 def portable_metadata(obj: Any) -> Any:
     """``obj`` with every absolute path replaced by its last component (``/home/me/data/cifar-10-batches-py``
-    -> ``cifar-10-batches-py``): a checkpoint must not carry the layout of the machine it was
-    trained on. Relative paths (``runs/x``) and other strings are kept."""
+    -> ``cifar-10-batches-py``; also ``../shared/data/...``): a checkpoint must not carry the layout
+    of the machine it was trained on. Relative paths below the working folder (``runs/x``) and
+    other strings are kept."""
     if isinstance(obj, dict):
         return {k: portable_metadata(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [portable_metadata(v) for v in obj]
-    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~")):
+    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~") or obj.startswith("../")):
         return Path(obj).name
     return obj
 

@@ -214,6 +214,7 @@ def hold_for_job(path: str | os.PathLike, option: str = "--out") -> Iterator[Pat
     torch.distributed.all_reduce(flag)
     if float(flag[0]) > 0:
         stack.close()
+        torch.distributed.barrier()  # leave together: a rank torn down alone can abort its peer
         raise PatchcertError(err or f"{option} {str(path)!r} is in use by another patchcert process (see rank 0)")
     with stack:
         yield Path(path)
