@@ -31,6 +31,7 @@ from ..defenses.double_masking import (
     double_masking_predict,
     first_failing_pair,
     masked_prediction_table,
+    predict_from_table,
 )
 from ..errors import PatchcertError
 from ..masks import MaskSet, apply_masks
@@ -135,8 +136,6 @@ def attack_double_masking(model: nn.Module, x: torch.Tensor, labels: torch.Tenso
     with torch.no_grad():
         if table is None:
             table = masked_prediction_table(model, x, ms, dm.fill, bf16=dm.bf16)
-    from ..defenses.double_masking import predict_from_table
-
     pred = predict_from_table(table)
     cert = certify_from_table(table, labels)
     robust = pred == labels

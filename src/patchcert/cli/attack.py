@@ -116,8 +116,11 @@ def _print_table(summary: dict) -> None:
     from rich.table import Table
 
     md = summary["metadata"]
+    kinds = ["double masking: PGD through the defense" if r["defense"].startswith("double-masking")
+             else ("strong" if md["attack"].get("strong") else "BagCert A.2") for r in summary["results"]]
+    kinds = list(dict.fromkeys(kinds))
     t = Table(title=f"patch attack: {md['model']} on {md['data'].get('name', '?')}, n={summary['n']}, "
-                    f"{'strong' if md['attack'].get('strong') else 'BagCert A.2'} attack", title_justify="left")
+                    f"{' / '.join(kinds) or 'BagCert A.2'} attack", title_justify="left")
     for col in ("defense", "patch", "clean", "certified (lower)", "robust (upper)", "attack success", "soundness",
                 "s/img"):
         t.add_column(col, justify="left" if col in ("defense", "patch") else "right")
