@@ -102,6 +102,7 @@ def cyclic_span(idx: list[int], n: int) -> int:
 GEOMETRY_CASES = (
     [("bagcert_cifar", {"rf": rf, "width": 8}, (32, 32)) for rf in (5, 7, 9, 11, 13)]
     + [("bagcert_cifar", {"rf": 9, "width": 8, "shake": True}, (32, 32))]
+    + [("bagcert_cifar_s2", {"rf": rf, "width": 8}, (32, 32)) for rf in (6, 10, 14)]
     + [("bagcert_imagenet", {"rf": rf, "width": 4}, (44, 52)) for rf in (17, 25, 29)]
     + [("bagnet9", {"width": 2}, (9 + 24, 9 + 35)),
        ("bagnet17", {"width": 2}, (17 + 24, 17 + 35)),
