@@ -126,6 +126,59 @@ def test_bagcert_loss_saturates_at_margin_and_one_hot_penalty_range():
     torch.testing.assert_close(one_hot_penalty(S), torch.tensor([-1.0, 0.0, -0.5]))
 
 
+def _bagcert_options_reference(scores, labels, margin, classes, dense_bce) -> float:
+    """The issue-9 options with explicit loops in float64: per-class margin and the dense BCE."""
+    n, k, h, w = scores.shape
+    total = 0.0
+    for i in range(n):
+        y = int(labels[i])
+        votes = [[float(scores[i, c, a, b] >= 0) for a in range(h) for b in range(w)] for c in range(k)]
+        deltas = [(sum(votes[y]) - sum(votes[c])) / (h * w) for c in range(k) if c != y]
+        if classes == "all":
+            loss = -sum(min(d, margin) for d in deltas) / (k - 1)
+        else:
+            loss = -min(min(deltas), margin)
+        bce = 0.0
+        for c in range(k):
+            for a in range(h):
+                for b in range(w):
+                    x = float(scores[i, c, a, b])
+                    p = 1 / (1 + math.exp(-x))
+                    bce += -math.log(p) if c == y else -math.log(1 - p)
+        total += loss + dense_bce * bce / (k * h * w)
+    return total / n
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(2, 5), st.integers(1, 3), st.integers(1, 3),
+       st.sampled_from([0.25, 0.5]), st.sampled_from(["runner_up", "all"]), st.sampled_from([0.0, 0.5]))
+def test_bagcert_loss_options_match_reference(seed, n, k, h, w, margin, classes, dense_bce):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, k, h, w, generator=g, dtype=torch.float64)
+    scores[scores.abs() < 1e-3] = 0.0
+    labels = torch.randint(0, k, (n,), generator=g)
+    got = float(bagcert_loss(scores, labels, margin=margin, classes=classes, dense_bce=dense_bce))
+    assert got == pytest.approx(_bagcert_options_reference(scores, labels, margin, classes, dense_bce), abs=1e-6)
+
+
+def test_bagcert_per_class_margin_pushes_every_wrong_class():
+    """classes="all": every wrong class below the margin gets a gradient, not only the runner-up."""
+    u = torch.zeros(1, 4, 2, 2, dtype=torch.float64)
+    u[0, 0] = 1.0   # y votes everywhere
+    u[0, 1] = 1.0   # runner-up votes everywhere too
+    u[0, 2, 0, 0] = 1.0  # class 2 votes once
+    u[0, 3] = -1.0
+    u[0, 3, 1, 1] = 1.0  # class 3 votes once elsewhere
+    labels = torch.tensor([0])
+    for classes, pushed in (("runner_up", {1}), ("all", {1, 2, 3})):
+        v = u.clone().requires_grad_(True)
+        bagcert_loss(v, labels, margin=1.0, classes=classes).backward()
+        got = {c for c in range(1, 4) if torch.count_nonzero(v.grad[0, c]) > 0}
+        assert got == pushed, classes
+    with pytest.raises(PatchcertError, match="classes"):
+        bagcert_loss(u, labels, classes="some")
+
+
 def test_bagcert_bf16_scores_are_computed_in_float32():
     g = torch.Generator().manual_seed(0)
     u = torch.randn(4, 10, 8, 8, generator=g).to(torch.bfloat16)
@@ -232,6 +285,10 @@ def test_objective_options_are_validated():
         create_objective("bagcert", model, (32, 32), margn=0.5)
     with pytest.raises(PatchcertError, match="margin must be > 0"):
         create_objective("bagcert", model, (32, 32), margin=0)
+    with pytest.raises(PatchcertError, match="classes must be"):
+        create_objective("bagcert", model, (32, 32), classes="every")
+    with pytest.raises(PatchcertError, match="dense_bce must be >= 0"):
+        create_objective("bagcert", model, (32, 32), dense_bce=-1)
     with pytest.raises(PatchcertError, match="unknown objective"):
         create_objective("nope", model, (32, 32))
     assert isinstance(create_objective("patchguard", model, (32, 32), patch="5x5"), PatchGuardObjective)

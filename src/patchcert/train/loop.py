@@ -56,6 +56,7 @@ after DDP wrapping); ``sync_bn`` uses ``nn.SyncBatchNorm`` on CUDA and the gloo-
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -138,6 +139,9 @@ class TrainConfig:
     cudnn_benchmark: bool = False  # cuDNN autotuning while training (CUDA; may change float rounding)
     compile: bool = False  # torch.compile the trained module (may change float rounding)
     init_from: str | None = None  # start from a checkpoint's weights (e.g. `patchcert convert` of a published BagNet)
+    # exponential moving average of the weights and BatchNorm statistics (None: off); when on, the
+    # averaged model is the one evaluated each epoch and saved as model.safetensors
+    ema_decay: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -196,6 +200,8 @@ class TrainConfig:
             raise PatchcertError(f"unknown loader {self.loader!r}; known: {', '.join(LOADERS)}")
         if self.data_workers is not None and self.data_workers < 0:
             raise PatchcertError(f"data_workers must be >= 0, got {self.data_workers}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise PatchcertError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval_defense is not None and not isinstance(self.eval_defense.get("name"), str):
             raise PatchcertError("eval_defense must be a table with a 'name' (e.g. {name = \"voting\", binarize = \"sign\"})")
 
@@ -581,9 +587,10 @@ def _build(cfg: TrainConfig, train_set: ImageSource, eval_set: ImageSource, devi
 
 def _save_epoch(cfg: TrainConfig, out: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                 device: torch.device, objective: Objective, train_set: ImageSource, eval_set: ImageSource,
-                resolved: dict[str, Any], history: list[dict], world: int, eval_defense: dict[str, Any]) -> None:
-    """Rank 0, after an epoch: the log, the model checkpoint, then the training state (last: the
-    state names a finished epoch)."""
+                resolved: dict[str, Any], history: list[dict], world: int, eval_defense: dict[str, Any],
+                ema: WeightEma | None = None) -> None:
+    """Rank 0, after an epoch: the log, the model checkpoint (the weight average if ``ema``), then
+    the training state (last: the state names a finished epoch)."""
     row = history[-1]
     epoch = int(row["epoch"])
     _write_csv(out / "log.csv", history)
@@ -591,16 +598,60 @@ def _save_epoch(cfg: TrainConfig, out: Path, model: nn.Module, opt: torch.optim.
     meta = {"config": resolved, "epoch": epoch, "history": history, "optimizer": opt_info,
             "world_size": world, "objective": objective.describe(), "eval_defense": eval_defense}
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update(ema.state_tensors())
+        meta["ema_updates"] = ema.updates
     tensors.update(opt_tensors)
     tensors["rng.data"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    save_checkpoint(out / "model.safetensors", model, classes=list(train_set.classes),
+    save_checkpoint(out / "model.safetensors", ema.model if ema is not None else model, classes=list(train_set.classes),
                     data=train_set.info, epoch=epoch, metrics=row, train_config=resolved,
                     objective=objective.describe(),
                     eval={"examples": len(eval_set), "patch": cfg.eval_patch, "defense": eval_defense})
     save_tensors(out / "state.safetensors", tensors, meta)
+
+
+class WeightEma:
+    """Exponential moving average of a model's floating-point state (weights and BatchNorm
+    statistics; integer buffers are copied), updated after every optimiser step.
+
+    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates (as timm's
+    ``ModelEmaV2`` users do for short runs), so early, random weights fade fast. ``model`` is a
+    deep copy in eval mode that never trains.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        src = model.state_dict(keep_vars=True)
+        for k, v in self.model.state_dict(keep_vars=True).items():
+            (self._pairs if v.dtype.is_floating_point else self._copies).append((v.data, src[k].data))
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        self.updates += 1
+        if self._pairs:
+            torch._foreach_lerp_([a for a, _ in self._pairs], [b for _, b in self._pairs], 1.0 - d)
+        for a, b in self._copies:
+            a.copy_(b)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{k}": v for k, v in self.model.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.updates = int(updates)
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -643,8 +694,14 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
         model, objective, module, opt, eval_defense = _build(cfg, train_set, eval_set, device, fresh=saved is None)
         gen = torch.Generator().manual_seed(cfg.seed)
         start_epoch, history = 0, []
+        ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
         if saved is not None:
             start_epoch, history = _restore(saved, state_path, model, opt, gen, device, world)
+            if ema is not None:
+                try:
+                    ema.load_state_tensors(saved[0], saved[1]["ema_updates"])
+                except (RuntimeError, KeyError) as e:
+                    raise CheckpointError(f"{state_path}: cannot restore the weight average ({str(e).splitlines()[0]})") from None
             del saved
 
         net: nn.Module = module
@@ -718,6 +775,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
                 opt.zero_grad(set_to_none=True)
                 scaled.backward()
                 opt.step()
+                if ema is not None:
+                    ema.update()
                 lval = loss.detach().item()
                 loss_sum[0] += lval * len(yb)
                 loss_sum[1] += len(yb)
@@ -729,14 +788,14 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
                 _broadcast_state(module)  # rank 0's BN running stats everywhere: the model we save is the one evaluated
             row = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "lr": lr,
                    "train_img_per_s": float(loss_sum[1]) / dt, "epoch_seconds": dt}
-            ev = evaluate(model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense,
+            ev = evaluate(ema.model if ema is not None else model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense,
                           num_workers=eval_workers)
             row.update({f"eval_{k}": v for k, v in ev.items()})
             history.append(row)
             metrics = row
             if rank == 0:
                 _save_epoch(cfg, out, model, opt, gen, device, objective, train_set, eval_set, resolved, history,
-                            world, eval_defense)
+                            world, eval_defense, ema)
                 log.info("epoch %d/%d loss %.4f clean %.3f cert %.3f (%.0f img/s)", epoch + 1, cfg.epochs,
                          row["loss"], row["eval_clean_acc"], row["eval_cert_acc"], row["train_img_per_s"])
             if world > 1:

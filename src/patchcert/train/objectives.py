@@ -64,22 +64,43 @@ def one_hot_penalty(S: torch.Tensor) -> torch.Tensor:
     return top2[:, 1] - top2[:, 0]
 
 
-def bagcert_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.5, sigma: float = 0.0) -> torch.Tensor:
+def bagcert_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.5, sigma: float = 0.0,
+                 classes: str = "runner_up", dense_bce: float = 0.0) -> torch.Tensor:
     """BagCert's margin loss (Sec. 3.3): ``-min(min_{c!=y} sum_ij (s_y - s_c) / (h w), M) + sigma L_oh``.
 
     ``scores`` ``[N, K, h, w]`` are pre-Heaviside region scores (any float dtype; computed in
     float32); the votes ``s`` use the straight-through Heaviside. ``labels`` ``[N]``. Returns the
     batch mean (a scalar).
+
+    Options beyond the paper (issue 9):
+
+    * ``classes="all"``: the margin term is averaged over *every* wrong class,
+      ``-mean_{c!=y} min(S_y - S_c, M)``, instead of taken on the runner-up only, so that
+      classes other than the runner-up also stop voting (Condition 3.2 must hold for each c).
+    * ``dense_bce``: weight of a dense per-location, per-class binary cross-entropy on the
+      scores with one-hot targets (the sign votes' own target: ``u_y >= 0``, ``u_c < 0``),
+      averaged over locations and classes; it trains every location directly, which the
+      vote-count margin does only through the straight-through estimator.
     """
     u = scores.float()
     s = heaviside_ste(u)
     S = s.mean((2, 3))  # [N, K] normalised vote counts
     Sy = S.gather(1, labels[:, None])
     delta = Sy - S
-    delta = delta.masked_fill(F.one_hot(labels, S.shape[1]).bool(), float("inf"))
-    loss = -torch.clamp(delta.min(1).values, max=margin)
+    onehot = F.one_hot(labels, S.shape[1]).bool()
+    if classes == "all":
+        per = torch.clamp(delta, max=margin).masked_fill(onehot, 0.0)
+        loss = -per.sum(1) / (S.shape[1] - 1)
+    elif classes == "runner_up":
+        delta = delta.masked_fill(onehot, float("inf"))
+        loss = -torch.clamp(delta.min(1).values, max=margin)
+    else:
+        raise PatchcertError(f"bagcert classes must be 'runner_up' or 'all', got {classes!r}")
     if sigma:
         loss = loss + sigma * one_hot_penalty(S)
+    if dense_bce:
+        target = onehot[:, :, None, None].expand_as(u).to(u.dtype)
+        loss = loss + dense_bce * F.binary_cross_entropy_with_logits(u, target, reduction="none").mean((1, 2, 3))
     return loss.mean()
 
 
@@ -256,20 +277,30 @@ def _number(name: str, v: Any, lo: float | None = None, allow_none: bool = False
 
 @register_objective
 class BagCertObjective(Objective):
-    """BagCert end-to-end training: margin loss with margin ``margin`` (M) + ``sigma`` one-hot penalty."""
+    """BagCert end-to-end training: margin loss with margin ``margin`` (M) + ``sigma`` one-hot penalty;
+    ``classes`` (``runner_up`` as in the paper, or ``all``) and ``dense_bce`` (see :func:`bagcert_loss`)."""
 
     name = "bagcert"
 
-    def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0,
+                 classes: str = "runner_up", dense_bce: float = 0.0) -> None:
         super().__init__(model, image_size)
         self.margin = _number("bagcert margin", margin, lo=0.0, strict_lo=True)
         self.sigma = _number("bagcert sigma", sigma, lo=0.0)
+        if classes not in ("runner_up", "all"):
+            raise PatchcertError(f"bagcert classes must be 'runner_up' or 'all', got {classes!r}")
+        self.classes = classes
+        self.dense_bce = _number("bagcert dense_bce", dense_bce, lo=0.0)
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return bagcert_loss(out, labels, margin=self.margin, sigma=self.sigma)
+        return bagcert_loss(out, labels, margin=self.margin, sigma=self.sigma, classes=self.classes,
+                            dense_bce=self.dense_bce)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "margin": self.margin, "sigma": self.sigma}
+        d: dict[str, Any] = {"name": self.name, "margin": self.margin, "sigma": self.sigma}
+        if self.classes != "runner_up" or self.dense_bce:  # old checkpoints' descriptions stay as they were
+            d.update(classes=self.classes, dense_bce=self.dense_bce)
+        return d
 
 
 @register_objective
