@@ -24,7 +24,6 @@ from .base import (
 )
 from .clipping import Clipping
 from .masking import Masking
-from . import masking_hooks  # noqa: F401,E402  (Masking's Defense hooks; see that module)
 from .voting import Voting
 
 __all__ = [

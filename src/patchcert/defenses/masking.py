@@ -55,11 +55,13 @@ import torch.nn.functional as F
 
 from ..errors import PatchcertError
 from ._common import Prepared, box_sums
+from ..windows import window_sums
 from .base import summed_area
 from .base import (
     Defense,
     Window,
     check_bool,
+    check_scores,
     check_fraction,
     check_window,
     check_exact,
@@ -248,6 +250,11 @@ def overlap_max(f: torch.Tensor, h: int, w: int, wrap: bool) -> torch.Tensor:
     return out
 
 
+def _ste(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward ``hard``, backward ``soft``'s gradient."""
+    return soft + (hard - soft).detach()
+
+
 @register_defense("masking")
 class Masking(Defense):
     """PatchGuard's robust masking with its provable analysis (detection threshold ``T``)."""
@@ -287,6 +294,47 @@ class Masking(Defense):
             v = F.one_hot(scores.argmax(1), K).permute(0, 3, 1, 2).to(torch.float64)
         v = v.clamp_(0.0, self.clip_max) if self.clip_max is not None else v.clamp_(min=0.0)
         return to_grid_(v, self.grid)
+
+    # -- self-description (used by the attacks, the report and the soundness tests) ------------
+    evidence_name = "clipped features"
+
+    @classmethod
+    def example_configs(cls) -> list[dict[str, Any]]:
+        return [{"window": w, "threshold": t, "clip_max": c, "features": f, "wrap": wr}
+                for w, t, c, f, wr in (((1, 1), 0.0, None, "logits", False), ((2, 2), 0.0, None, "logits", False),
+                                       ((2, 1), 0.3, 1.0, "logits", True), ((2, 2), 0.7, None, "confidence", False),
+                                       ((1, 2), 0.0, None, "prediction", True))]
+
+    @torch.no_grad()
+    def evidence(self, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
+        return self.features_of(scores)
+
+    def evidence_bounds(self) -> tuple[float, float | None]:
+        return (0.0, self.clip_max)
+
+    def relaxed_evidence(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The clipped features, straight-through (one-hot predictions via the softmax)."""
+        if self.features == "confidence":
+            v = torch.softmax(scores, 1)
+        elif self.features == "prediction":
+            soft = torch.softmax(scores / temperature, 1)
+            hard = F.one_hot(scores.argmax(1), scores.shape[1]).permute(0, 3, 1, 2).to(scores.dtype)
+            v = _ste(hard, soft)
+        else:
+            v = scores
+        return _ste(v.clamp(0.0, self.clip_max) if self.clip_max is not None else v.clamp(min=0.0), v)
+
+    def relaxed_totals(self, scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """PatchGuard's masked class totals ``[N, K]``: the sum of (relaxed) clipped features minus
+        each class's strongest window where it is detected (the detection test is not
+        differentiated)."""
+        f = self.relaxed_evidence(scores, temperature)
+        g = f.sum((2, 3))
+        m = window_sums(f, self.window, self.wrap).amax((2, 3))
+        with torch.no_grad():
+            detect = (g > 0) & (m / g.clamp(min=1e-12) > self.threshold)
+        return torch.where(detect, g - m, g)
 
     # -- hooks ---------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
