@@ -179,6 +179,24 @@ def test_bagcert_per_class_margin_pushes_every_wrong_class():
         bagcert_loss(u, labels, classes="some")
 
 
+def test_bagcert_dense_warm_up_falls_linearly_to_zero():
+    model = patchcert.create_model("bagcert_cifar", num_classes=3, rf=5, width=2)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 3, 4, 4, generator=g)
+    labels = torch.tensor([0, 2])
+    obj = create_objective("bagcert", model, (32, 32), dense_bce=2.0, dense_until=0.5)
+    for frac, w in ((0.0, 2.0), (0.25, 1.0), (0.5, 0.0), (0.9, 0.0)):
+        obj.set_progress(frac)
+        assert float(obj.loss(u, labels)) == pytest.approx(float(bagcert_loss(u, labels, dense_bce=w)), abs=1e-6)
+    const = create_objective("bagcert", model, (32, 32), dense_bce=2.0)
+    const.set_progress(0.9)
+    assert float(const.loss(u, labels)) == pytest.approx(float(bagcert_loss(u, labels, dense_bce=2.0)), abs=1e-6)
+    assert obj.describe()["dense_until"] == 0.5
+    for bad in (0, 1.5, "x"):
+        with pytest.raises(PatchcertError, match="dense_until"):
+            create_objective("bagcert", model, (32, 32), dense_bce=1.0, dense_until=bad)
+
+
 def test_bagcert_bf16_scores_are_computed_in_float32():
     g = torch.Generator().manual_seed(0)
     u = torch.randn(4, 10, 8, 8, generator=g).to(torch.bfloat16)

@@ -67,7 +67,7 @@ def test_run_directory_layout_and_checkpoint(tmp_path):
     {"objective": "patchguard", "objective_cfg": {"patch": "3x3", "clip_max": 5.0}, "optimizer": "adamw",
      "weight_decay": 0.01, "eval_patch": "3x3"},  # evaluated with robust masking (window 7x7)
     {"model": "bagcert_cifar_s2", "model_cfg": {"rf": 6, "width": 4}, "ema_decay": 0.9,
-     "objective_cfg": {"margin": 0.5, "classes": "all", "dense_bce": 0.5}},  # weight average, issue-9 options
+     "objective_cfg": {"margin": 0.5, "classes": "all", "dense_bce": 0.5, "dense_until": 0.6}},  # weight average, issue-9 options
 ])
 def test_resume_is_bit_identical(tmp_path, kw):
     one = _cfg(tmp_path, "one", epochs=3, **kw)

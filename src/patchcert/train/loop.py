@@ -743,6 +743,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
                 lr = lr_at(step, total, warm, cfg.lr)
                 for gp in opt.param_groups:
                     gp["lr"] = lr
+                objective.set_progress(step / total)
                 if stream:  # this rank's share, augmented per example in the workers
                     xb, yb, ib = item
                     if objective.uses_generator:  # per-example randomness: (seed, epoch, index)

@@ -233,6 +233,10 @@ class Objective:
         whose state the training state saves."""
         return x
 
+    def set_progress(self, fraction: float) -> None:
+        """Called by the loop before every step with the fraction of training done, ``step / total``
+        in [0, 1) (a function of the step alone, so resumption stays exact). Default: ignored."""
+
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -278,13 +282,19 @@ def _number(name: str, v: Any, lo: float | None = None, allow_none: bool = False
 @register_objective
 class BagCertObjective(Objective):
     """BagCert end-to-end training: margin loss with margin ``margin`` (M) + ``sigma`` one-hot penalty;
-    ``classes`` (``runner_up`` as in the paper, or ``all``) and ``dense_bce`` (see :func:`bagcert_loss`)."""
+    ``classes`` (``runner_up`` as in the paper, or ``all``) and ``dense_bce`` (see :func:`bagcert_loss`);
+    ``dense_until`` makes the dense term a warm-up: its weight falls linearly from ``dense_bce`` at
+    the start to 0 at that fraction of training (None: constant)."""
 
     name = "bagcert"
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0,
-                 classes: str = "runner_up", dense_bce: float = 0.0) -> None:
+                 classes: str = "runner_up", dense_bce: float = 0.0, dense_until: float | None = None) -> None:
         super().__init__(model, image_size)
+        self.dense_until = _number("bagcert dense_until", dense_until, lo=0.0, allow_none=True, strict_lo=True)
+        if self.dense_until is not None and self.dense_until > 1:
+            raise PatchcertError(f"bagcert dense_until must be a fraction of training in (0, 1], got {dense_until!r}")
+        self._dense_scale = 1.0
         self.margin = _number("bagcert margin", margin, lo=0.0, strict_lo=True)
         self.sigma = _number("bagcert sigma", sigma, lo=0.0)
         if classes not in ("runner_up", "all"):
@@ -292,14 +302,19 @@ class BagCertObjective(Objective):
         self.classes = classes
         self.dense_bce = _number("bagcert dense_bce", dense_bce, lo=0.0)
 
+    def set_progress(self, fraction: float) -> None:
+        # dense_until: the dense term is a warm-up, its weight falls linearly to 0 at that fraction
+        if self.dense_until is not None:
+            self._dense_scale = max(0.0, 1.0 - fraction / self.dense_until)
+
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return bagcert_loss(out, labels, margin=self.margin, sigma=self.sigma, classes=self.classes,
-                            dense_bce=self.dense_bce)
+                            dense_bce=self.dense_bce * self._dense_scale)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "margin": self.margin, "sigma": self.sigma}
         if self.classes != "runner_up" or self.dense_bce:  # old checkpoints' descriptions stay as they were
-            d.update(classes=self.classes, dense_bce=self.dense_bce)
+            d.update(classes=self.classes, dense_bce=self.dense_bce, dense_until=self.dense_until)
         return d
 
 
