@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 FLAGS = ["--dataset", "synthetic", "--model", "bagcert_cifar", "--set", 'model_cfg={"rf":5,"width":4}',
          "--objective", "ce", "--set", "objective_cfg={}", "--set", "optimizer=sgd", "--set", "sync_bn=true",
          "--epochs", "2", "--batch-size", "16", "--set", "max_train_examples=64", "--set", "eval_examples=16",
-         "--set", "num_threads=1", "--no-progress"]
+         "--set", "num_threads=1", "--set", "ema_decay=0.9", "--no-progress"]
 
 
 def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
@@ -66,13 +66,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     single = tmp_path.parent / f"{tmp_path.name}_single"
     cfg = TrainConfig(dataset="synthetic", model="bagcert_cifar", model_cfg={"rf": 5, "width": 4}, objective="ce",
                       objective_cfg={}, optimizer="sgd", sync_bn=True, epochs=2, batch_size=16, max_train_examples=64,
-                      eval_examples=16, num_threads=1, out_dir=str(single))
+                      eval_examples=16, num_threads=1, ema_decay=0.9, out_dir=str(single))
     train(cfg)
     one, meta1 = load_tensors(single / "state.safetensors")
     assert sorted(one) == sorted(ddp)
     for k in one:
         a, b = ddp[k].double(), one[k].double()
-        if k.startswith("model.") and not k.endswith("num_batches_tracked"):
+        if k.startswith(("model.", "ema.")) and not k.endswith("num_batches_tracked"):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=k)
         elif k.startswith("opt."):  # momentum = running sum of gradients: rounding relative to its scale
             torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * float(b.abs().max()) + 1e-6, msg=k)

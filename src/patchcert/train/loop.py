@@ -787,6 +787,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
                 _broadcast_state(module)  # rank 0's BN running stats everywhere: the model we save is the one evaluated
+                if ema is not None:
+                    _broadcast_state(ema.model)  # its BN averages followed each rank's own statistics
             row = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "lr": lr,
                    "train_img_per_s": float(loss_sum[1]) / dt, "epoch_seconds": dt}
             ev = evaluate(ema.model if ema is not None else model, eval_set, cfg.eval_patch, device, cfg.eval_batch_size, cfg.bf16, eval_defense,
