@@ -183,7 +183,7 @@ def test_registry_model_is_random_with_a_warning(tmp_path, capsys, caplog):
 def test_default_model(tmp_path, capsys, monkeypatch, ckpt):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     rc, out, err = cli(capsys, "-n", 4, "--out", tmp_path / "a", "--no-progress")
-    assert rc == 2 and "no shipped model 'bagcert_cifar10_rf7_w64'" in err and "--model" in err
+    assert rc == 2 and f"no shipped model '{DEFAULT_MODEL}'" in err and "--model" in err
     (tmp_path / "weights").mkdir()
     shutil.copy(ckpt, tmp_path / "weights" / f"{DEFAULT_MODEL}.safetensors")
     rc, out, err = cli(capsys, "-n", 4, "--out", tmp_path / "b", "--no-progress", "--json", "--square-cap", 4)

@@ -11,6 +11,7 @@ from patchcert import create_model, list_models
 from patchcert.checkpoint import save_checkpoint
 from patchcert.cli import main
 from patchcert.models.convert import skeleton_model
+from patchcert.pretrained import DEFAULT_MODEL
 
 
 def _json(capsys, *extra: str) -> dict:
@@ -69,7 +70,7 @@ def shipped(tmp_path, monkeypatch):
     """A weights folder holding one model as the training loop writes it (+ a recorded command)."""
     torch.manual_seed(0)
     m = create_model("bagcert_cifar", num_classes=10, rf=7, width=2)
-    save_checkpoint(tmp_path / "bagcert_cifar10_rf7_w64.safetensors", m,
+    save_checkpoint(tmp_path / f"{DEFAULT_MODEL}.safetensors", m,
                     data={"dataset": "cifar10", "split": "train"}, epoch=30,
                     metrics={"loss": 0.5, "eval_clean_acc": 0.8123, "eval_cert_acc": 0.4567},
                     train_config={"model": "bagcert_cifar", "model_cfg": {"rf": 7, "width": 64}, "objective": "bagcert",
@@ -85,11 +86,12 @@ def shipped(tmp_path, monkeypatch):
 def test_pretrained_models_are_listed(capsys, shipped):
     d = _json(capsys)
     names = [p["name"] for p in d["pretrained"]]
-    assert names == ["bagcert_cifar10_rf7_w64", "bagnet17_nette"]
+    assert names == sorted([DEFAULT_MODEL, "bagnet17_nette"])
+    d["pretrained"] = sorted(d["pretrained"], key=lambda p: p["name"] != DEFAULT_MODEL)
     assert d["pretrained"][0]["metrics"]["eval_cert_acc"] == 0.4567
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "bagcert_cifar10_rf7_w64 (default)" in out
+    assert f"{DEFAULT_MODEL} (default)" in out
     assert "cifar10 (train)" in out and "30/30" in out
     assert "eval_clean_acc=0.8123" in out and "eval_cert_acc=0.4567" in out
     assert "patchcert train model=bagcert_cifar" in out and "objective=bagcert" in out

@@ -36,7 +36,7 @@ def test_empty_registry_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
     assert weights_dir() == tmp_path
     assert list_pretrained() == []
-    with pytest.raises(PatchcertError, match=r"no shipped model 'bagcert_cifar10_rf7_w64'.*ships none.*pass --model"):
+    with pytest.raises(PatchcertError, match=rf"no shipped model '{DEFAULT_MODEL}'.*ships none.*pass --model"):
         pretrained_path()
     with pytest.raises(PatchcertError, match="no shipped model"):
         load_pretrained()
@@ -57,7 +57,7 @@ def test_registry_in_a_weights_dir(tmp_path):
         assert torch.equal(m.state_dict()[k], v)
     o = load_pretrained("other_model", directory=tmp_path)
     assert o.num_classes == 3 and o.config["width"] == 2
-    with pytest.raises(PatchcertError, match="no shipped model 'nope'.*shipped: bagcert_cifar10_rf7_w64, other_model"):
+    with pytest.raises(PatchcertError, match=f"no shipped model 'nope'.*shipped: {DEFAULT_MODEL}, other_model"):
         pretrained_path("nope", directory=tmp_path)
     for bad in ["../x", "a/b", "", "x.safetensors"]:
         with pytest.raises(PatchcertError, match="malformed pretrained model name"):
