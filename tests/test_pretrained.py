@@ -29,7 +29,7 @@ def _ship(d, name, width=4, num_classes=10, seed=0, **meta):
 
 
 def test_default_name():
-    assert DEFAULT_MODEL == "bagcert_cifar10_rf7_w64"
+    assert DEFAULT_MODEL == "bagcert_cifar10_s2_rf6_w192"
 
 
 def test_empty_registry_says_what_to_do(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MODEL", "WEIGHTS_ENV", "weights_dir", "list_pretrained", "pretrained_path", "load_pretrained"]
 
 #: The model ``patchcert certify`` uses when no ``--model`` is given.
-DEFAULT_MODEL = "bagcert_cifar10_rf7_w64"
+DEFAULT_MODEL = "bagcert_cifar10_s2_rf6_w192"
 #: Environment variable that points the registry at another weights folder.
 WEIGHTS_ENV = "PATCHCERT_WEIGHTS_DIR"
 
