@@ -98,4 +98,5 @@ def test_shipped_default_model_loads():
     m = load_pretrained()
     assert p.is_file() and m.num_classes == 10 and m.geometry.input_size == (32, 32)
     with torch.no_grad():
-        assert m.score_map(torch.zeros(1, 3, 32, 32)).shape == (1, 10, 32, 32)
+        side = 32 // m.geometry.stride[0]  # "same"-padded CIFAR nets: 32x32 at stride 1, 16x16 at stride 2
+        assert m.score_map(torch.zeros(1, 3, 32, 32)).shape == (1, 10, side, side)

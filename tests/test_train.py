@@ -133,21 +133,44 @@ def test_weight_average_is_evaluated_saved_and_exact(tmp_path):
 
 
 def test_resumes_a_state_written_by_the_v1_loop(tmp_path):
-    """The background run's format (first loop, before new TrainConfig fields existed) resumes exactly."""
+    """The background run's format (first loop, before new TrainConfig fields existed) resumes exactly.
+
+    The fixture's epoch 1 was computed on the machine that wrote it; another CPU's float kernels
+    may round differently (measured: 1e-5 after one epoch). Where this machine reproduces the
+    fixture's epoch 1 bit for bit, the resumed run must equal an uninterrupted one; elsewhere
+    epoch 1 must agree to float tolerance and resuming must be deterministic.
+    """
     from test_train_v1_fixture import V1_STATE_B64, V1_STATE_CONFIG
 
-    run = tmp_path / "v1"
-    run.mkdir()
-    (run / "state.safetensors").write_bytes(zlib.decompress(base64.b64decode("".join(V1_STATE_B64))))
-    tensors, meta = load_tensors(run / "state.safetensors")
+    raw = zlib.decompress(base64.b64decode("".join(V1_STATE_B64)))
+    runs = []
+    for name in ("v1", "v1_again"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "state.safetensors").write_bytes(raw)
+        runs.append(run)
+    tensors, meta = load_tensors(runs[0] / "state.safetensors")
     assert sorted(meta) == ["config", "epoch", "history", "optimizer"] and meta["epoch"] == 1
     assert "sync_bn" not in meta["config"] and "optimizer" not in meta["config"]
     assert all(k.split(".")[0] in ("model", "opt", "rng") for k in tensors)
-    train(TrainConfig(**V1_STATE_CONFIG, out_dir=str(run)), resume=True)
+    for run in runs:
+        train(TrainConfig(**V1_STATE_CONFIG, out_dir=str(run)), resume=True)
+    _assert_identical(_state(runs[0]), _state(runs[1]))
+    after, meta2 = load_tensors(runs[0] / "state.safetensors")
+    assert meta2["epoch"] == 2 and meta2["history"][0] == meta["history"][0]
+
     fresh = tmp_path / "fresh"
-    train(TrainConfig(**V1_STATE_CONFIG, out_dir=str(fresh)))
-    _assert_identical(_state(run), _state(fresh))
-    assert load_tensors(run / "state.safetensors")[1]["history"][0] == meta["history"][0]
+    cfg = TrainConfig(**V1_STATE_CONFIG, out_dir=str(fresh))
+    train(cfg, stop_after_epoch=1)
+    mine = _state(fresh)
+    same_kernels = all(torch.equal(mine[k], v) for k, v in tensors.items() if k.startswith("model."))
+    if not same_kernels:
+        for k, v in tensors.items():
+            if k.startswith("model."):
+                torch.testing.assert_close(mine[k].double(), v.double(), rtol=1e-4, atol=1e-4, msg=k)
+        return
+    train(cfg, resume=True)
+    _assert_identical(_state(runs[0]), _state(fresh))
 
 
 def test_resume_with_changed_config_is_a_one_line_error(tmp_path):
