@@ -139,22 +139,26 @@ def _norm(in_chans: int, mean, std):
     return (mean, std) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
 
 
-@register_model
-def bagcert_cifar(num_classes: int = 10, rf: int = 7, width: int = 64, shake: bool = False,
-                  in_chans: int = 3) -> BagCertNet:
-    """BagCert CIFAR-10 net (32x32 in, 32x32 map, stride 1). Paper: width 768, shake-shake."""
-    if rf not in CIFAR_KERNELS:
-        raise PatchcertError(f"bagcert_cifar: rf must be one of {sorted(CIFAR_KERNELS)}, got {rf!r}")
+def _cifar_net(arch: str, table: dict[int, tuple[int, ...]], strides: tuple[int, ...], num_classes: int, rf: int,
+               width: int, shake: bool, in_chans: int) -> BagCertNet:
+    """A CIFAR net of constant ``width`` whose kernels ``table[rf]`` chooses (options validated here)."""
+    if rf not in table:
+        raise PatchcertError(f"{arch}: rf must be one of {sorted(table)}, got {rf!r}")
     if not isinstance(width, int) or width < 1:
-        raise PatchcertError(f"bagcert_cifar: width must be a positive int, got {width!r}")
+        raise PatchcertError(f"{arch}: width must be a positive int, got {width!r}")
     cfg = {"rf": rf, "width": width, "shake": bool(shake)}
     if in_chans != 3:
         cfg["in_chans"] = in_chans
     mean, std = _norm(in_chans, CIFAR10_MEAN, CIFAR10_STD)
-    return BagCertNet(
-        CIFAR_KERNELS[rf], (width,) * 9, (1,) * 9, num_classes, bool(shake),
-        mean, std, (32, 32), "bagcert_cifar", cfg, in_chans,
-    )
+    return BagCertNet(table[rf], (width,) * 9, strides, num_classes, bool(shake), mean, std, (32, 32), arch, cfg,
+                      in_chans)
+
+
+@register_model
+def bagcert_cifar(num_classes: int = 10, rf: int = 7, width: int = 64, shake: bool = False,
+                  in_chans: int = 3) -> BagCertNet:
+    """BagCert CIFAR-10 net (32x32 in, 32x32 map, stride 1). Paper: width 768, shake-shake."""
+    return _cifar_net("bagcert_cifar", CIFAR_KERNELS, (1,) * 9, num_classes, rf, width, shake, in_chans)
 
 
 @register_model
@@ -167,18 +171,7 @@ def bagcert_cifar_s2(num_classes: int = 10, rf: int = 6, width: int = 128, shake
     5x5 patch touches at most 5x5 of its 256 cells (9.8%) against 11x11 of 1024 (11.8%) for RF 7.
     Not in the paper: patchcert's CPU-budget variant (issue 9).
     """
-    if rf not in CIFAR_S2_KERNELS:
-        raise PatchcertError(f"bagcert_cifar_s2: rf must be one of {sorted(CIFAR_S2_KERNELS)}, got {rf!r}")
-    if not isinstance(width, int) or width < 1:
-        raise PatchcertError(f"bagcert_cifar_s2: width must be a positive int, got {width!r}")
-    cfg = {"rf": rf, "width": width, "shake": bool(shake)}
-    if in_chans != 3:
-        cfg["in_chans"] = in_chans
-    mean, std = _norm(in_chans, CIFAR10_MEAN, CIFAR10_STD)
-    return BagCertNet(
-        CIFAR_S2_KERNELS[rf], (width,) * 9, (2,) + (1,) * 8, num_classes, bool(shake),
-        mean, std, (32, 32), "bagcert_cifar_s2", cfg, in_chans,
-    )
+    return _cifar_net("bagcert_cifar_s2", CIFAR_S2_KERNELS, (2,) + (1,) * 8, num_classes, rf, width, shake, in_chans)
 
 
 @register_model
