@@ -285,6 +285,29 @@ def test_resume_after_interrupt_is_identical(tmp_path, model, data):
     assert not (part / "scores.parts").exists()
 
 
+def test_run_without_records_in_memory_writes_the_same_run(tmp_path, model, data):
+    """``keep_records=False`` (the CLI's way: memory flat in the number of examples) returns no
+    records but writes the same records.jsonl and summary, also when resuming."""
+    full = run_to(tmp_path / "full", model, data)
+    lean = run_to(tmp_path / "lean", model, data, keep_records=False)
+    assert lean.records == [] and full.records
+    assert (tmp_path / "lean" / RECORDS_FILE).read_bytes() == (tmp_path / "full" / RECORDS_FILE).read_bytes()
+    assert strip_timing(lean.summary.to_json()) == strip_timing(full.summary.to_json())
+
+    def stop(done, total):
+        if done >= 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_to(tmp_path / "part", model, data, keep_records=False, progress=stop)
+    resumed = run_to(tmp_path / "part", model, data, keep_records=False, resume=True)
+    assert resumed.records == []
+    assert (tmp_path / "part" / RECORDS_FILE).read_bytes() == (tmp_path / "full" / RECORDS_FILE).read_bytes()
+    assert strip_timing(resumed.summary.to_json()) == strip_timing(full.summary.to_json())
+    assert strip_timing(json.loads((tmp_path / "part" / SUMMARY_FILE).read_text())) == \
+        strip_timing(json.loads((tmp_path / "full" / SUMMARY_FILE).read_text()))
+
+
 def test_resume_after_torn_write_is_identical(tmp_path, model, data):
     run_to(tmp_path / "full", model, data)
     ref = (tmp_path / "full" / RECORDS_FILE).read_bytes()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from patchcert.errors import PatchcertError
 from patchcert.results import (
+    SummaryCounter,
     CONFIG_FILE,
     PROGRESS_FILE,
     RECORDS_FILE,
@@ -167,6 +168,29 @@ def test_summarize_counts(records):
     assert s.short() == {"n": n, "results": [
         {"defense": r.defense, "patch": r.patch, "clean_accuracy": r.clean_accuracy,
          "certified_accuracy": r.certified_accuracy} for r in s.results]}
+
+
+@settings(max_examples=25)
+@given(records_st(), st.integers(0, 6), st.data())
+def test_summary_counter_fed_in_pieces_equals_one_pass(records, cap, data):
+    """The counter ``certify`` feeds batch by batch (records then dropped) gives the summary of
+    all records at once, and square curves equal to a direct count of ``side >= s``."""
+    md = _meta(num_examples=len(records))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(records)), max_size=4)))
+    counter = SummaryCounter(_template())
+    for a, b in zip([0, *cuts], [*cuts, len(records)]):
+        counter.add(records[a:b])
+    assert counter.summary(md, square_cap=cap).to_json() == summarize(records, _template(), md, square_cap=cap).to_json()
+    n = len(records)
+    for k, curve in counter.square_curves(cap).items():
+        sides = [r.defenses[k].largest_square or 0 for r in records]
+        assert curve == ([sum(x >= s for x in sides) / n for s in range(1, cap + 1)] if n else [])
+    if records:
+        assert (counter.first_index, counter.last_index) == (records[0].index, records[-1].index)
+    other = _template()[::-1]
+    if len(other) > 1:
+        with pytest.raises(ValueError, match="differ"):
+            counter.summary(md, template=other)
 
 
 def test_square_curves_from_largest_square():

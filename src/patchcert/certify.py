@@ -59,7 +59,7 @@ from .results import (
     repair_records,
     save_scores,
     shard_dirname,
-    summarize,
+    SummaryCounter,
     write_json,
     write_summary,
 )
@@ -956,10 +956,14 @@ def _pixel_tables(job: _Job, x: torch.Tensor | None, timer: _Timer) -> dict[str,
 
 
 def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], timer: _Timer,
-                  progress: Callable[[int, int], None] | None) -> list[ExampleRecord]:
-    """Certify the job's remaining batches, appending records to ``run_dir`` as it goes."""
-    records = list(done)
+                  progress: Callable[[int, int], None] | None, counter: SummaryCounter,
+                  keep: bool = True) -> list[ExampleRecord]:
+    """Certify the job's remaining batches, appending records to ``run_dir`` and counting them
+    in ``counter`` as it goes; returns all records (``keep``) or none (memory stays flat)."""
+    records = list(done) if keep else []
+    counter.add(done)
     ndone = len(done)
+    del done
     if progress is not None:
         progress(ndone, job.total)
     parts_dir = run_dir / "scores.parts" if run_dir is not None else None
@@ -997,7 +1001,9 @@ def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], ti
                     append_records(run_dir / RECORDS_FILE, new)
                     write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new), "total": job.total,
                                                          "complete": False, "timing": timer.totals})
-                records.extend(new)
+                counter.add(new)
+                if keep:
+                    records.extend(new)
                 ndone += len(new)
                 if progress is not None:
                     progress(ndone, job.total)
@@ -1009,7 +1015,23 @@ def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], ti
     return records
 
 
-def _summary(job: _Job, records: list[ExampleRecord], timer: _Timer) -> Summary:
+def _template(job: _Job, timer: _Timer) -> list[ResultRow]:
+    """The summary's rows (accuracies still 0), with the run's per-image timing."""
+    tot = timer.totals
+    imgs = tot.get("images", 0.0)
+
+    def per_img(key: str) -> float | None:
+        return tot[key] / imgs if key in tot and imgs else None
+
+    return [
+        ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
+                  windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
+                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
+        for dp in job.defense_plans for pp in job.patch_plans
+    ]
+
+
+def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
     tot = timer.totals
     imgs = tot.get("images", 0.0)
 
@@ -1017,22 +1039,16 @@ def _summary(job: _Job, records: list[ExampleRecord], timer: _Timer) -> Summary:
         n = imgs if n is None else n
         return tot[key] / n if key in tot and n else None
 
-    template = [
-        ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
-                  windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
-                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
-        for dp in job.defense_plans for pp in job.patch_plans
-    ]
     prov = job.prov
     md = RunMetadata(
         model=prov["model"], model_sha256=prov["model_sha256"], checkpoint=prov["checkpoint"], data=prov["data"],
-        num_examples=len(records), seed=job.seed, device=str(job.device), dtype=job.dtype_name, versions=versions(),
+        num_examples=counter.n, seed=job.seed, device=str(job.device), dtype=job.dtype_name, versions=versions(),
         forward_seconds_per_image=per_img("forward", tot.get("forward_images")),
         geometry=job.src.geometry.to_dict(), image_size=list(job.src.image_size), command=job.command,
         model_hash_of=str(prov["hash_of"]), model_config=prov["model_config"], num_classes=job.src.num_classes,
         classes=job.src.classes, map_size=list(job.map_size),
         scores_file=prov["scores_path"], scores_sha256=prov["scores_sha256"], start=job.start,
-        indices=[records[0].index, records[-1].index] if records else [],
+        indices=[counter.first_index, counter.last_index] if counter.n else [],
         batch_size=job.batch_size, square_cap=job.square_cap, shard=list(job.shard) if job.shard else None,
         defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
                                             "largest_square": per_img(f"{dp.key}|largest_square"),
@@ -1041,7 +1057,7 @@ def _summary(job: _Job, records: list[ExampleRecord], timer: _Timer) -> Summary:
                                    for dp in job.defense_plans},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    return summarize(records, template, md)
+    return counter.summary(md, template=_template(job, timer))  # the timing is known now
 
 
 def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, timer: _Timer) -> None:
@@ -1080,6 +1096,7 @@ def certify_dataset(
     progress: Callable[[int, int], None] | None = None,
     num_workers: int | None = None,
     lock: bool = True,
+    keep_records: bool = True,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -1104,6 +1121,9 @@ def certify_dataset(
     :func:`patchcert.loader.load_batches` (``num_workers`` processes decode ahead; default: none
     for in-memory data, a few for image folders), so memory does not grow with the dataset.
     TF32 is off inside the loop and the caller's setting is restored afterwards.
+    ``keep_records=False``: the returned run holds no records (``records == []``; they are in
+    ``out_dir/records.jsonl``) and the summary is counted as the run goes, so memory does not grow
+    with the number of examples either (the ``patchcert certify`` command runs this way).
     """
     job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
                     out_dir, save_scores, square_cap, square_method, seed, command)
@@ -1117,10 +1137,12 @@ def certify_dataset(
             done, timing = _resume_records(job, run_dir, resume)
             _start_run_dir(job, run_dir, done, timing)
         timer = _Timer(job.device, timing)
-        records = _certify_loop(job, run_dir, done, timer, progress)
-        summary = _summary(job, records, timer)
+        counter = SummaryCounter(_template(job, timer))
+        records = _certify_loop(job, run_dir, done, timer, progress, counter, keep=keep_records)
+        del done
+        summary = _summary(job, counter, timer)
         if run_dir is not None:
-            _finish_run_dir(job, run_dir, summary, len(records), timer)
+            _finish_run_dir(job, run_dir, summary, counter.n, timer)
             if job.shard:
                 log.info("shard %d/%d finished; merge all shards with: patchcert certify --merge %s",
                          job.shard[0], job.shard[1], out_dir)

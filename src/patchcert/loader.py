@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .runtime import bound_allocator
 from .data import ImageSource, augment_crop_flip, center_crop, random_crop_flip
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def worker_start_method() -> str | None:
     return "forkserver"
 
 
+def _init_worker(worker_id: int) -> None:
+    """Every DataLoader worker: glibc thresholds fixed (:func:`patchcert.runtime.bound_allocator`),
+    so decoding thousands of differently sized images does not grow the worker's heap."""
+    bound_allocator()
+
+
 def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_workers: int,
                 pin_memory: bool = False, persistent: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batch_sampler`` with the collate of this module (``(x, y, idx)``).
@@ -230,7 +237,7 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_
     kw: dict = {}
     if num_workers > 0:
         kw = {"persistent_workers": persistent, "prefetch_factor": 2,
-              "multiprocessing_context": worker_start_method()}
+              "multiprocessing_context": worker_start_method(), "worker_init_fn": _init_worker}
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                                        collate_fn=_collate, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(0), **kw)

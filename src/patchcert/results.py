@@ -70,6 +70,7 @@ __all__ = [
     "DefenseOutcome",
     "ExampleRecord",
     "ResultRow",
+    "SummaryCounter",
     "RunMetadata",
     "Summary",
     "ScoreFile",
@@ -409,49 +410,98 @@ class Summary:
              "certified_accuracy": r.certified_accuracy} for r in self.results]}
 
 
+class SummaryCounter:
+    """The counts behind a :class:`Summary`, fed records batch by batch: its memory does not
+    grow with the number of examples (a long ``certify`` keeps no records, only these counts).
+
+    ``template``: the (defense, patch) rows to count (their non-accuracy fields, e.g. resolved
+    windows and timing, are kept); ``keys``: the defenses whose largest certified squares are
+    counted (default: the template's).
+    """
+
+    def __init__(self, template: Sequence[ResultRow], keys: Sequence[str] | None = None) -> None:
+        self.template = list(template)
+        self.keys = list(dict.fromkeys(t.defense for t in self.template)) if keys is None else list(keys)
+        self.n = 0
+        self.undefended = 0
+        self.correct = [0] * len(self.template)
+        self.certified = [0] * len(self.template)
+        self.shapes: list[dict[str, int]] = [{} for _ in self.template]
+        self.sides: dict[str, dict[int, int]] = {k: {} for k in self.keys}  # largest square side -> count
+        self.first_index: int | None = None
+        self.last_index: int | None = None
+
+    def add(self, records: Iterable[ExampleRecord]) -> "SummaryCounter":
+        for r in records:
+            for j, t in enumerate(self.template):
+                o = r.defenses.get(t.defense)
+                if o is None or t.patch not in o.certified:
+                    raise PatchcertError(f"record {r.index} has no result for {t.defense} / {t.patch!r}")
+                self.correct[j] += bool(o.correct)
+                self.certified[j] += bool(o.certified[t.patch])
+                for sh, b in (o.shapes.get(t.patch) or {}).items():
+                    self.shapes[j][sh] = self.shapes[j].get(sh, 0) + bool(b)
+            for k in self.keys:
+                side = r.defenses[k].largest_square or 0
+                self.sides[k][side] = self.sides[k].get(side, 0) + 1
+            self.undefended += r.clean_pred == r.label
+            if self.first_index is None:
+                self.first_index = r.index
+            self.last_index = r.index
+            self.n += 1
+        return self
+
+    def square_curves(self, cap: int) -> dict[str, list[float]]:
+        """Certified accuracy against an s x s patch, s = 1..cap, per defense key."""
+        n = self.n
+        if cap < 1 or n == 0:
+            return {k: [] for k in self.keys}
+        out: dict[str, list[float]] = {}
+        for k in self.keys:
+            hist = self.sides[k]
+            at_least = sum(c for side, c in hist.items() if side > cap)  # images certified at side >= s
+            curve = []
+            for s in range(cap, 0, -1):
+                at_least += hist.get(s, 0)
+                curve.append(at_least / n)
+            out[k] = curve[::-1]
+        return out
+
+    def summary(self, metadata: RunMetadata, square_cap: int | None = None,
+                template: Sequence[ResultRow] | None = None) -> Summary:
+        """The summary of the records counted so far. ``template``: rows to fill instead of the
+        counter's own (the same defenses and patches in the same order, e.g. with timing known
+        only at the end)."""
+        n = self.n
+        if template is None:
+            template = self.template
+        elif [(t.defense, t.patch) for t in template] != [(t.defense, t.patch) for t in self.template]:
+            raise ValueError("template rows differ from the counted ones")
+        rows = []
+        for j, t in enumerate(template):
+            rows.append(ResultRow(
+                defense=t.defense, defense_config=t.defense_config, patch=t.patch, resolved=t.resolved,
+                windows=t.windows, clean_accuracy=self.correct[j] / n if n else 0.0,
+                certified_accuracy=self.certified[j] / n if n else 0.0,
+                certify_seconds_per_image=t.certify_seconds_per_image, n=n, num_correct=self.correct[j],
+                num_certified=self.certified[j],
+                shapes={sh: c / n for sh, c in self.shapes[j].items()} if self.shapes[j] else None,
+            ))
+        cap = metadata.square_cap if square_cap is None else square_cap
+        return Summary(n=n, results=rows, metadata=metadata, undefended_accuracy=self.undefended / n if n else 0.0,
+                       square_curves=self.square_curves(cap))
+
+
 def square_curves(records: Sequence[ExampleRecord], keys: Sequence[str], cap: int) -> dict[str, list[float]]:
     """Certified accuracy against an s x s patch, s = 1..cap, per defense key."""
-    n = len(records)
-    out: dict[str, list[float]] = {}
-    if cap < 1 or n == 0:
-        return {k: [] for k in keys}
-    for k in keys:
-        sides = torch.tensor([r.defenses[k].largest_square or 0 for r in records], dtype=torch.long)
-        s = torch.arange(1, cap + 1)
-        out[k] = [float(v) for v in ((sides[None, :] >= s[:, None]).sum(1).double() / n).tolist()]
-    return out
+    return SummaryCounter([], keys).add(records).square_curves(cap)
 
 
-def summarize(records: Sequence[ExampleRecord], template: Sequence[ResultRow], metadata: RunMetadata,
+def summarize(records: Iterable[ExampleRecord], template: Sequence[ResultRow], metadata: RunMetadata,
               square_cap: int | None = None) -> Summary:
     """Accuracies of ``records`` for every (defense, patch) row of ``template`` (whose
     non-accuracy fields, e.g. resolved windows and timing, are kept)."""
-    n = len(records)
-    rows = []
-    for t in template:
-        correct = certified = 0
-        shape_counts: dict[str, int] = {}
-        for r in records:
-            o = r.defenses.get(t.defense)
-            if o is None or t.patch not in o.certified:
-                raise PatchcertError(f"record {r.index} has no result for {t.defense} / {t.patch!r}")
-            correct += bool(o.correct)
-            certified += bool(o.certified[t.patch])
-            for s, b in (o.shapes.get(t.patch) or {}).items():
-                shape_counts[s] = shape_counts.get(s, 0) + bool(b)
-        rows.append(ResultRow(
-            defense=t.defense, defense_config=t.defense_config, patch=t.patch, resolved=t.resolved,
-            windows=t.windows, clean_accuracy=correct / n if n else 0.0,
-            certified_accuracy=certified / n if n else 0.0,
-            certify_seconds_per_image=t.certify_seconds_per_image, n=n, num_correct=correct,
-            num_certified=certified,
-            shapes={s: c / n for s, c in shape_counts.items()} if shape_counts else None,
-        ))
-    keys = list(dict.fromkeys(t.defense for t in template))
-    cap = metadata.square_cap if square_cap is None else square_cap
-    und = sum(r.clean_pred == r.label for r in records) / n if n else 0.0
-    return Summary(n=n, results=rows, metadata=metadata, undefended_accuracy=und,
-                   square_curves=square_curves(records, keys, cap))
+    return SummaryCounter(template).add(records).summary(metadata, square_cap)
 
 
 # -- JSON / CSV files --------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tune_allocator", "harden", "resolve_device", "math_mode", "precise_math"]
+__all__ = ["tune_allocator", "bound_allocator", "harden", "resolve_device", "math_mode", "precise_math"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,18 +29,42 @@ def tune_allocator() -> bool:
     A no-op where glibc's ``mallopt`` is absent. Returns True if applied.
     """
     global _tuned
-    if _tuned or os.environ.get("PATCHCERT_NO_MALLOPT"):
+    if _tuned:
         return _tuned
+    _tuned = _mallopt(((_M_TRIM_THRESHOLD, 1 << 30), (_M_MMAP_THRESHOLD, 1 << 30)))
+    return _tuned
+
+
+# glibc's defaults (mallopt(3)); set explicitly, they switch off its dynamic mmap threshold.
+_BOUNDED_THRESHOLD = 128 * 1024
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
+    if os.environ.get("PATCHCERT_NO_MALLOPT"):
+        return False
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30))
+        return all(bool(libc.mallopt(param, value)) for param, value in settings)
     except (OSError, AttributeError):
         return False
-    _tuned = ok
-    return ok
+
+
+def bound_allocator() -> bool:
+    """Fixed glibc thresholds for processes whose heap must not creep: DataLoader workers.
+
+    By default glibc raises its mmap threshold to the size of every large block it frees (up to
+    32 MiB): after a worker frees its first batch tensor, decoded images (150-500 KB each) come
+    from the heap, and the varying sizes fragment it. A worker's heap then grows by ~1 MiB per
+    batch for thousands of batches (``benchmarks/data_memory.md``: +100 MiB per worker per
+    2,000 images). Fixing the thresholds at glibc's own defaults (128 KiB; setting them
+    explicitly disables the dynamic adjustment) gives every image its own mapping, returned to
+    the OS when freed: the workers stay flat. It also undoes :func:`tune_allocator` in a worker
+    forked from a tuned parent. A no-op without glibc or with ``$PATCHCERT_NO_MALLOPT``.
+    """
+    return _mallopt(((_M_MMAP_THRESHOLD, _BOUNDED_THRESHOLD), (_M_TRIM_THRESHOLD, _BOUNDED_THRESHOLD)))
 
 
 def harden(seed: int | None = 0, deterministic: bool = False) -> None:

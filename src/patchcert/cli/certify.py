@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
                     start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
                     square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
-                    num_workers=args.workers, lock=not distributed)
+                    num_workers=args.workers, lock=not distributed, keep_records=False)
             finally:
                 if bar is not None:
                     bar.close()
