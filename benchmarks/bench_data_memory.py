@@ -93,18 +93,26 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_main = peak_rss = peak_pss = 0
+    series: list[tuple[float, int, int]] = []  # (seconds, main RSS, tree PSS) in KiB
     while p.poll() is None:
         pids = _tree(p.pid)
         rss = sum(_kb(Path(f"/proc/{q}/status"), "VmRSS") for q in pids)
         pss = sum(_kb(Path(f"/proc/{q}/smaps_rollup"), "Pss") for q in pids)
         peak_main = max(peak_main, _kb(Path(f"/proc/{p.pid}/status"), "VmHWM"))
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        series.append((time.perf_counter() - t0, _kb(Path(f"/proc/{p.pid}/status"), "VmRSS"), pss))
         time.sleep(0.02)
     err = p.stderr.read() if p.stderr else ""
     if p.returncode != 0:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+    wall = time.perf_counter() - t0
+    # the course of the run: main RSS and tree PSS at 10%, 20%, ..., 100% of its wall time
+    course = []
+    for f in range(1, 11):
+        upto = [s for s in series if s[0] <= wall * f / 10] or series[:1]
+        course.append((upto[-1][1] / 1024, upto[-1][2] / 1024) if upto else (0.0, 0.0))
     return {"main_peak_mib": peak_main / 1024, "tree_peak_rss_mib": peak_rss / 1024,
-            "tree_peak_pss_mib": peak_pss / 1024, "seconds": time.perf_counter() - t0}
+            "tree_peak_pss_mib": peak_pss / 1024, "seconds": wall, "course": course}
 
 
 def commands(folder: Path, n: int, out: Path) -> dict[str, list[str]]:
@@ -131,6 +139,8 @@ def main() -> None:
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "patchcert-jpegs"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--only", nargs="*", help="command names to run (default: all)")
+    ap.add_argument("--memory-up-to", type=int, default=None,
+                    help="run 'train (memory)' only on folders of at most this many images")
     ap.add_argument("--md", help="also write the results as a markdown file (e.g. benchmarks/data_memory.md)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -141,6 +151,8 @@ def main() -> None:
             for name, cmd in commands(folder, n, Path(tmp)).items():
                 if args.only and name not in args.only:
                     continue
+                if name == "train (memory)" and args.memory_up_to is not None and n > args.memory_up_to:
+                    continue
                 r = measure(cmd, env)
                 rows.append((name, n, r))
                 print(f"{name:15s} n={n:5d}  main {r['main_peak_mib']:7.0f} MiB  tree RSS {r['tree_peak_rss_mib']:7.0f} "
@@ -150,14 +162,18 @@ def main() -> None:
     for name, n, r in rows:
         table.append(f"| {name} | {n:,} | {r['main_peak_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
                      f"{r['tree_peak_pss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+    course = ["| command | images | main process RSS at 10%, 20%, ..., 100% of the run (MiB) | process tree PSS, same times (MiB) |",
+              "|---|---|---|---|"]
+    for name, n, r in rows:
+        course.append(f"| {name} | {n:,} | {' '.join(f'{a:.0f}' for a, _ in r['course'])} | "
+                      f"{' '.join(f'{b:.0f}' for _, b in r['course'])} |")
     growth = []
     for name in dict.fromkeys(r[0] for r in rows):
         mine = sorted((n, r) for nm, n, r in rows if nm == name)
-        if len(mine) >= 2:
-            (n0, r0), (n1, r1) = mine[0], mine[-1]
+        for (n0, r0), (n1, r1) in zip(mine, mine[1:]):
             growth.append(f"* {name}: {n0:,} -> {n1:,} images: main process {r1['main_peak_mib'] - r0['main_peak_mib']:+.0f} "
                           f"MiB, process tree (PSS) {r1['tree_peak_pss_mib'] - r0['tree_peak_pss_mib']:+.0f} MiB")
-    print("\n" + "\n".join(table) + ("\n\n" + "\n".join(growth) if growth else ""))
+    print("\n" + "\n".join(table) + "\n\n" + "\n".join(course) + ("\n\n" + "\n".join(growth) if growth else ""))
     if args.md:
         import platform
 
@@ -173,6 +189,11 @@ def main() -> None:
             (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip(),
             "",
             *table,
+            "",
+            "Memory over the course of each run (the last sample before each tenth of its wall time; a",
+            "run that grew with the images it has read would rise from left to right):",
+            "",
+            *course,
             "",
             "Growth with the folder:",
             "",

@@ -138,6 +138,56 @@ def test_worker_start_method(monkeypatch, caplog):
     assert worker_start_method() == default and "ignoring PATCHCERT_WORKER_START" in caplog.text
 
 
+# a fresh process: after one large block is freed (a batch tensor), where do image-sized blocks go?
+_HEAP_PROBE = r"""
+import ctypes, json, sys
+from patchcert.runtime import bound_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "bounded":
+    assert bound_allocator()
+libc.free(libc.malloc(5 << 20))
+before = libc.mallinfo2()
+blocks = [libc.malloc(300_000) for _ in range(32)]
+after = libc.mallinfo2()
+print(json.dumps({"mapped": after.hblks - before.hblks, "free_in_heap": before.fordblks,
+                  "heap_growth": after.arena - before.arena}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_workers_bound_the_allocator_so_decoded_images_do_not_fragment_the_heap():
+    """The cause of the workers' memory growth (benchmarks/data_memory.md) and its fix, shown on
+    glibc itself: by default, freeing a 5 MiB block (a batch) raises glibc's mmap threshold, and
+    300 KB blocks (decoded images) then come from the heap, where their varying sizes fragment
+    it; with :func:`~patchcert.runtime.bound_allocator` (what every DataLoader worker runs) each
+    gets its own mapping, returned to the OS on free."""
+    from patchcert.loader import _init_worker, make_loader
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PATCHCERT_NO_MALLOPT"))}
+    try:
+        out = {mode: json.loads(subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=env, check=True,
+                                               capture_output=True, text=True).stdout)
+               for mode in ("default", "bounded")}
+    except subprocess.CalledProcessError as e:
+        if "mallinfo2" in e.stderr:
+            pytest.skip("glibc without mallinfo2")
+        raise
+    assert out["default"]["mapped"] == 0 and out["default"]["heap_growth"] > 0
+    # a block is mapped unless it fits into free space the heap already has
+    assert out["bounded"]["mapped"] >= 32 - out["bounded"]["free_in_heap"] // 300_000 > 0
+    assert out["bounded"]["heap_growth"] == 0
+    loader = make_loader(torch.utils.data.TensorDataset(torch.zeros(4)), [[0, 1], [2, 3]], num_workers=1)
+    assert loader.worker_init_fn is _init_worker
+
+
 # -- the streaming training path -------------------------------------------------------------------
 
 TINY = dict(model="bagcert_cifar", model_cfg={"rf": 5, "width": 4}, dataset="synthetic", epochs=3, batch_size=16,
