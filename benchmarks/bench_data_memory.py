@@ -10,7 +10,8 @@ so memory should not grow with the number of images. This script
    of the summed RSS of the tree (counts pages shared by forked workers once per process: an
    upper bound) and the peak summed PSS (shared pages divided among their sharers: the
    tree's real footprint),
-3. prints a markdown table.
+3. prints markdown tables: the peaks, and the course of each run (main RSS and tree PSS at each
+   tenth of its wall time: memory that grew with the images read would rise along the row).
 
 Commands measured for each folder (a random-init ``bagcert_imagenet`` RF 17 at width 2: the data
 path, not the model, is what is measured):
@@ -23,7 +24,7 @@ path, not the model, is what is measured):
 
 Usage::
 
-    python benchmarks/bench_data_memory.py --root /tmp/patchcert-jpegs --sizes 1000 4000
+    python benchmarks/bench_data_memory.py --root /tmp/patchcert-jpegs --sizes 1000 4000 16000 --memory-up-to 4000
 
 Linux only (reads ``/proc``).
 """
@@ -100,7 +101,9 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
         pss = sum(_kb(Path(f"/proc/{q}/smaps_rollup"), "Pss") for q in pids)
         peak_main = max(peak_main, _kb(Path(f"/proc/{p.pid}/status"), "VmHWM"))
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        series.append((time.perf_counter() - t0, _kb(Path(f"/proc/{p.pid}/status"), "VmRSS"), pss))
+        main_rss = _kb(Path(f"/proc/{p.pid}/status"), "VmRSS")
+        if main_rss:  # 0: the process has just exited
+            series.append((time.perf_counter() - t0, main_rss, pss))
         time.sleep(0.02)
     err = p.stderr.read() if p.stderr else ""
     if p.returncode != 0:
