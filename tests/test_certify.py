@@ -33,6 +33,7 @@ from patchcert.results import (
     load_scores,
     merge_shards,
     run_status,
+    save_scores,
 )
 
 # every defense spec the tests exercise (those whose defense is not built yet are skipped)
@@ -360,6 +361,45 @@ def test_shards_merge_to_single_run(tmp_path, model, data, n_shards):
     assert torch.equal(sa.scores, sb.scores) and torch.equal(sa.labels, sb.labels)
     assert torch.equal(sa.indices, sb.indices)
     assert load_run(run)[0].n == 21
+
+
+def test_shards_of_an_unsorted_score_file_merge_to_the_single_run(tmp_path, model, data):
+    """Shards are contiguous blocks of the run's positions: the merge joins them in shard order,
+    so a score file whose indices are not sorted merges to the single run's records, summary and
+    scores (sorting by index reordered them). The merge streams: ``keep_records=False`` returns
+    none and writes the same files."""
+    run_to(tmp_path / "m", model, data, save_scores=True, num_examples=14)
+    sf = load_scores(tmp_path / "m" / SCORES_FILE)
+    perm = torch.randperm(14, generator=torch.Generator().manual_seed(3))
+    save_scores(tmp_path / "perm.safetensors", sf.scores[perm], sf.labels[perm], sf.indices[perm], sf.meta)
+    sp = load_scores(tmp_path / "perm.safetensors")
+    assert sp.indices.tolist() != sorted(sp.indices.tolist())
+    args = dict(scores=sp, defenses=["voting", "masking"], patches=["5x5"], batch_size=3, square_cap=6,
+                save_scores=False)
+    single = certify_dataset(**args, out_dir=tmp_path / "single")
+    for i in range(3):
+        certify_dataset(**args, out_dir=tmp_path / "sh", shard=(i, 3))
+    summary, records = merge_shards(tmp_path / "sh", keep_records=False)
+    assert records == []
+    assert (tmp_path / "sh" / RECORDS_FILE).read_bytes() == (tmp_path / "single" / RECORDS_FILE).read_bytes()
+    assert [json.loads(line)["index"] for line in (tmp_path / "sh" / RECORDS_FILE).read_text().splitlines()] == \
+        sp.indices.tolist()
+    assert strip_timing(summary.to_json()) == strip_timing(single.summary.to_json())
+    assert summary.metadata.indices == single.summary.metadata.indices == [sp.indices[0].item(), sp.indices[-1].item()]
+    again, kept = merge_shards(tmp_path / "sh", write=False)
+    assert [r.to_line() for r in kept] == [r.to_line() for r in single.records]
+    assert again.to_json()["results"] == summary.to_json()["results"]
+
+
+def test_merge_refuses_a_shard_whose_records_disagree_with_its_summary(tmp_path, model, data):
+    for i in range(2):
+        run_to(tmp_path / "r", model, data, num_examples=8, shard=f"{i}/2")
+    rec = tmp_path / "r" / "shard-1-of-2" / RECORDS_FILE
+    rec.write_text("".join(rec.read_text().splitlines(keepends=True)[:-1]))  # one record lost
+    with pytest.raises(PatchcertError, match="shard 1 says 4 examples but its records.jsonl holds 3"):
+        merge_shards(tmp_path / "r")
+    assert not (tmp_path / "r" / RECORDS_FILE).exists()
+    assert not list((tmp_path / "r").glob(".*merging"))
 
 
 def test_sharded_and_single_runs_do_not_mix(tmp_path, model, data):

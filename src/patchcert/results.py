@@ -45,15 +45,16 @@ import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .checkpoint import atomic_write_text, file_sha256, load_tensors, save_tensors
 from .errors import PatchcertError
-from .rundir import append_jsonl, hold, read_json, read_jsonl, write_json
+from .rundir import append_jsonl, hold, iter_jsonl, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ __all__ = [
     "TABLE_FIELDS",
     "append_records",
     "read_records",
+    "iter_records",
     "repair_records",
     "summarize",
     "square_curves",
@@ -277,6 +279,15 @@ def _records(path: str | os.PathLike, objs: list[dict[str, Any]]) -> list[Exampl
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
     return out
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[ExampleRecord]:
+    """The records of a finished ``records.jsonl``, one at a time (memory independent of its length)."""
+    for i, d in enumerate(iter_jsonl(path)):
+        try:
+            yield ExampleRecord.from_json(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
 
 
 def read_records(path: str | os.PathLike, allow_partial_tail: bool = False) -> list[ExampleRecord]:
@@ -673,30 +684,44 @@ def _comparable_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ("shard",)}
 
 
-def merge_shards(run_dir: str | os.PathLike, write: bool = True) -> tuple[Summary, list[ExampleRecord]]:
+def merge_shards(run_dir: str | os.PathLike, write: bool = True,
+                 keep_records: bool = True) -> tuple[Summary, list[ExampleRecord]]:
     """Join ``RUN/shard-i-of-n/`` into ``RUN/records.jsonl`` + ``summary.json`` (+ csv, progress,
     config, and ``scores.safetensors`` when every shard saved scores).
 
     Every shard must be complete and made with the same configuration (apart from the shard).
-    The merged records are those of a single run (same order, same bytes); timing is the
-    per-image average over all shards.
+    The merged records are those of a single run (same order, same bytes): shard i holds the
+    i-th contiguous block of the run's batches, so the shards are joined in shard order (a
+    score file's indices need not be sorted). Timing is the per-image average over all shards.
+    Records are read one at a time and counted as they are written; ``keep_records=False``
+    returns none (``[]``), so memory does not grow with the run (the CLI merges this way).
+    ``write=False``: merge in memory only (for reports on unmerged runs).
     """
     d = Path(run_dir)
     if not write:
-        return _merge(d)
+        return _merge(d, None, keep_records)[:2]
     with hold(d, "exclusive", option="run folder", clean=False):  # no shard may be running
-        summary, all_records, shards, configs = _merge(d, details=True)
-        _write_merged(d, shards, configs, summary, all_records)
-    return summary, all_records
+        fd, tmp_name = tempfile.mkstemp(dir=d, prefix=f".{RECORDS_FILE}.", suffix=".merging")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                summary, records, shards, configs = _merge(d, out, keep_records)
+                out.flush()
+                os.fsync(out.fileno())
+            _write_merged(d, shards, configs, summary, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return summary, records
 
 
-def _merge(d: Path, details: bool = False):
-    """Merge the shards of ``d`` in memory: ``(summary, records)`` (+ shards, configs)."""
+def _merge(d: Path, out: Any, keep_records: bool):
+    """Merge the shards of ``d``: ``(summary, records, shards, configs)``; each record's line is
+    written to the text file ``out`` (if given) as it is read."""
     shards = find_shards(d)
     if not shards:
         raise PatchcertError(f"{d}: no shard directories (shard-i-of-n) to merge")
     n_sh = len(shards)
-    configs, summaries, all_records = [], [], []
+    configs, summaries = [], []
     for i, p in shards.items():
         st = run_status(p)
         if not st["complete"]:
@@ -706,7 +731,6 @@ def _merge(d: Path, details: bool = False):
         # compared by its summary (model, dtype, defenses and patches) below
         configs.append(read_json(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {})
         summaries.append(read_summary(p))
-        all_records.extend(read_records(p / RECORDS_FILE))
     base = _comparable_config(configs[0])
     for i, c in enumerate(configs[1:], 1):
         if _comparable_config(c) != base:
@@ -717,13 +741,6 @@ def _merge(d: Path, details: bool = False):
         if g != sig[0]:
             raise PatchcertError(f"cannot merge {d}: shard {i} was made with a different model, dtype, defenses or "
                                  "patches")
-    all_records.sort(key=lambda r: r.index)
-    idx = [r.index for r in all_records]
-    if len(set(idx)) != len(idx):
-        raise PatchcertError(f"cannot merge {d}: shards overlap (duplicate example indices)")
-    total = configs[0].get("total")
-    if total is not None and len(all_records) != int(total):
-        raise PatchcertError(f"cannot merge {d}: shards hold {len(all_records)} examples, the run selects {total}")
 
     # timing: per-image averages weighted by shard size
     def wavg(vals: list[tuple[float | None, int]]) -> float | None:
@@ -737,43 +754,64 @@ def _merge(d: Path, details: bool = False):
         t = ResultRow.from_json(r.to_json())
         t.certify_seconds_per_image = wavg([(s.results[j].certify_seconds_per_image, s.n) for s in summaries])
         template.append(t)
+
+    counter = SummaryCounter(template)
+    seen: set[int] = set()
+    records: list[ExampleRecord] = []
+    for i, p in shards.items():
+        n_before = counter.n
+        for rec in iter_records(p / RECORDS_FILE):
+            if rec.index in seen:
+                raise PatchcertError(f"cannot merge {d}: shards overlap (example {rec.index} is in more than one)")
+            seen.add(rec.index)
+            counter.add((rec,))
+            if out is not None:
+                out.write(rec.to_line() + "\n")
+            if keep_records:
+                records.append(rec)
+        if counter.n - n_before != summaries[i].n:
+            raise PatchcertError(f"cannot merge {d}: shard {i} says {summaries[i].n} examples but its "
+                                 f"records.jsonl holds {counter.n - n_before}")
+    total = configs[0].get("total")
+    if total is not None and counter.n != int(total):
+        raise PatchcertError(f"cannot merge {d}: shards hold {counter.n} examples, the run selects {total}")
+
     md = RunMetadata.from_json(s0.metadata.to_json())
     md.shard = None
     md.merged_from = n_sh
-    md.num_examples = len(all_records)
+    md.num_examples = counter.n
     md.forward_seconds_per_image = wavg([(s.metadata.forward_seconds_per_image, s.n) for s in summaries])
-    md.indices = [idx[0], idx[-1]] if idx else []
+    md.indices = [counter.first_index, counter.last_index] if counter.n else []
     dsp: dict[str, dict[str, float | None]] = {}
     for key, parts in s0.metadata.defense_seconds_per_image.items():
         dsp[key] = {part: wavg([(s.metadata.defense_seconds_per_image.get(key, {}).get(part), s.n) for s in summaries])
                     for part in parts}
     md.defense_seconds_per_image = dsp
-    summary = summarize(all_records, template, md)
-    return (summary, all_records, shards, configs) if details else (summary, all_records)
+    return counter.summary(md), records, shards, configs
 
 
 def _write_merged(d: Path, shards: dict[int, Path], configs: list[dict[str, Any]], summary: Summary,
-                  all_records: list[ExampleRecord]) -> None:
+                  records_tmp: Path) -> None:
     from datetime import datetime, timezone
 
     n_sh = len(shards)
     summary.metadata.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for f in (SUMMARY_FILE, PROGRESS_FILE):
         (d / f).unlink(missing_ok=True)  # incomplete until the end
-    atomic_write_text(d / RECORDS_FILE, records_to_jsonl(all_records))
+    os.chmod(records_tmp, 0o644)
+    os.replace(records_tmp, d / RECORDS_FILE)
     cfg = dict(configs[0])
     cfg["shard"] = None
     write_json(d / CONFIG_FILE, cfg)
     parts = [p / SCORES_FILE for p in shards.values()]
     if all(p.is_file() for p in parts):
-        sfs = [load_scores(p) for p in parts]
-        order = torch.argsort(torch.cat([s.indices for s in sfs]))
+        sfs = [load_scores(p) for p in parts]  # shard order is the single run's order
         meta = dict(sfs[0].meta)
         meta.pop("shard", None)
-        save_scores(d / SCORES_FILE, torch.cat([s.scores for s in sfs])[order],
-                    torch.cat([s.labels for s in sfs])[order], torch.cat([s.indices for s in sfs])[order], meta)
+        save_scores(d / SCORES_FILE, torch.cat([s.scores for s in sfs]), torch.cat([s.labels for s in sfs]),
+                    torch.cat([s.indices for s in sfs]), meta)
     elif any(p.is_file() for p in parts):
         log.warning("only some shards saved scores; %s/%s not written", d, SCORES_FILE)
     write_summary(d, summary)
-    write_json(d / PROGRESS_FILE, {"done": len(all_records), "total": len(all_records), "complete": True,
+    write_json(d / PROGRESS_FILE, {"done": summary.n, "total": summary.n, "complete": True,
                                    "merged_from": n_sh})

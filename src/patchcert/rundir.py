@@ -282,23 +282,38 @@ def read_jsonl(path: str | os.PathLike, tail: str = "error") -> list[dict[str, A
         if tail == "error":
             raise PatchcertError(f"{p}: last line is unfinished (an interrupted run? use --resume)")
         log.warning("%s: dropping an unfinished last line (%d bytes)", p, len(raw) - keep)
-    out = []
-    for i, line in enumerate(raw[:keep].split(b"\n")):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PatchcertError(f"{p}: line {i + 1} is not valid JSON ({type(e).__name__}: {e})") from None
-        if not isinstance(obj, dict):
-            raise PatchcertError(f"{p}: line {i + 1} is not a JSON object")
-        out.append(obj)
+    out = [_json_line(p, i, line) for i, line in enumerate(raw[:keep].split(b"\n")) if line.strip()]
     if keep != len(raw) and tail == "repair":
         with open(p, "r+b") as f:
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
     return out
+
+
+def _json_line(p: Path, i: int, line: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PatchcertError(f"{p}: line {i + 1} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise PatchcertError(f"{p}: line {i + 1} is not a JSON object")
+    return obj
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a finished record file, one line at a time (memory independent of the
+    file's length). An unfinished last line or a corrupt line is a one-line PatchcertError, as
+    in :func:`read_jsonl` with ``tail="error"``."""
+    p = Path(path)
+    if not p.is_file():
+        raise PatchcertError(f"records file {str(p)!r} does not exist")
+    with open(p, "rb") as f:
+        for i, line in enumerate(f):
+            if not line.endswith(b"\n"):
+                raise PatchcertError(f"{p}: last line is unfinished (an interrupted run? use --resume)")
+            if line.strip():
+                yield _json_line(p, i, line)
 
 
 def append_jsonl(path: str | os.PathLike, lines: Sequence[str]) -> None:

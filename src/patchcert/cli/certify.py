@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import harden, resolve_device
 
     if args.merge:
-        summary, _ = merge_shards(args.merge)
+        summary, _ = merge_shards(args.merge, keep_records=False)
         print(f"merged {summary.metadata.merged_from} shards into {args.merge}", file=sys.stderr)
         _emit(summary, args, Path(args.merge))
         return 0
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
                 torch.distributed.barrier()
                 if rank != 0:
                     return 0
-                summary, _ = merge_shards(out)
+                summary, _ = merge_shards(out, keep_records=False)
                 _emit(summary, args, Path(out))
                 return 0
         if shard is not None:
