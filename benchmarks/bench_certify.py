@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         "is reported (the forward pass alone varies by 10-20%% between runs on a shared VM)")
     p.add_argument("--json", action="store_true", help="print one JSON line with the numbers")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
 
     import patchcert
     from patchcert.certify import certify_dataset

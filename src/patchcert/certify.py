@@ -955,15 +955,12 @@ def _pixel_tables(job: _Job, x: torch.Tensor | None, timer: _Timer) -> dict[str,
     return tables
 
 
-def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], timer: _Timer,
+def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord], ndone: int, timer: _Timer,
                   progress: Callable[[int, int], None] | None, counter: SummaryCounter,
                   keep: bool = True) -> list[ExampleRecord]:
-    """Certify the job's remaining batches, appending records to ``run_dir`` and counting them
-    in ``counter`` as it goes; returns all records (``keep``) or none (memory stays flat)."""
-    records = list(done) if keep else []
-    counter.add(done)
-    ndone = len(done)
-    del done
+    """Certify the job's remaining batches (``ndone`` examples are recorded already), appending
+    records to ``run_dir`` and counting them in ``counter`` as it goes; ``records`` (the
+    resumed ones, if kept) is extended with the new ones if ``keep`` (else memory stays flat)."""
     if progress is not None:
         progress(ndone, job.total)
     parts_dir = run_dir / "scores.parts" if run_dir is not None else None
@@ -1015,44 +1012,38 @@ def _certify_loop(job: _Job, run_dir: Path | None, done: list[ExampleRecord], ti
     return records
 
 
+def _per_image(timer: _Timer, key: str, count_key: str = "images") -> float | None:
+    """Seconds per image of the timer entry ``key`` (None if never timed)."""
+    tot = timer.totals
+    n = tot.get(count_key, 0.0)
+    return tot[key] / n if key in tot and n else None
+
+
 def _template(job: _Job, timer: _Timer) -> list[ResultRow]:
     """The summary's rows (accuracies still 0), with the run's per-image timing."""
-    tot = timer.totals
-    imgs = tot.get("images", 0.0)
-
-    def per_img(key: str) -> float | None:
-        return tot[key] / imgs if key in tot and imgs else None
-
     return [
         ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
                   windows=[list(w) for w in pp.windows], clean_accuracy=0.0, certified_accuracy=0.0,
-                  certify_seconds_per_image=per_img(f"{dp.key}|patch|{pp.text}"))
+                  certify_seconds_per_image=_per_image(timer, f"{dp.key}|patch|{pp.text}"))
         for dp in job.defense_plans for pp in job.patch_plans
     ]
 
 
 def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
-    tot = timer.totals
-    imgs = tot.get("images", 0.0)
-
-    def per_img(key: str, n: float | None = None) -> float | None:
-        n = imgs if n is None else n
-        return tot[key] / n if key in tot and n else None
-
     prov = job.prov
     md = RunMetadata(
         model=prov["model"], model_sha256=prov["model_sha256"], checkpoint=prov["checkpoint"], data=prov["data"],
         num_examples=counter.n, seed=job.seed, device=str(job.device), dtype=job.dtype_name, versions=versions(),
-        forward_seconds_per_image=per_img("forward", tot.get("forward_images")),
+        forward_seconds_per_image=_per_image(timer, "forward", "forward_images"),
         geometry=job.src.geometry.to_dict(), image_size=list(job.src.image_size), command=job.command,
         model_hash_of=str(prov["hash_of"]), model_config=prov["model_config"], num_classes=job.src.num_classes,
         classes=job.src.classes, map_size=list(job.map_size),
         scores_file=prov["scores_path"], scores_sha256=prov["scores_sha256"], start=job.start,
         indices=[counter.first_index, counter.last_index] if counter.n else [],
         batch_size=job.batch_size, square_cap=job.square_cap, shard=list(job.shard) if job.shard else None,
-        defense_seconds_per_image={dp.key: {"predict": per_img(f"{dp.key}|predict"),
-                                            "largest_square": per_img(f"{dp.key}|largest_square"),
-                                            **({"masked_forward": per_img(f"{dp.key}|table")} if dp.on_pixels
+        defense_seconds_per_image={dp.key: {"predict": _per_image(timer, f"{dp.key}|predict"),
+                                            "largest_square": _per_image(timer, f"{dp.key}|largest_square"),
+                                            **({"masked_forward": _per_image(timer, f"{dp.key}|table")} if dp.on_pixels
                                                else {})}
                                    for dp in job.defense_plans},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1137,9 +1128,10 @@ def certify_dataset(
             done, timing = _resume_records(job, run_dir, resume)
             _start_run_dir(job, run_dir, done, timing)
         timer = _Timer(job.device, timing)
-        counter = SummaryCounter(_template(job, timer))
-        records = _certify_loop(job, run_dir, done, timer, progress, counter, keep=keep_records)
-        del done
+        counter = SummaryCounter(_template(job, timer)).add(done)
+        ndone, records = len(done), (done if keep_records else [])
+        del done  # without keep_records, the resumed records are counted and dropped
+        records = _certify_loop(job, run_dir, records, ndone, timer, progress, counter, keep=keep_records)
         summary = _summary(job, counter, timer)
         if run_dir is not None:
             _finish_run_dir(job, run_dir, summary, counter.n, timer)

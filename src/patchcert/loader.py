@@ -27,8 +27,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .runtime import bound_allocator
 from .data import ImageSource, augment_crop_flip, center_crop, random_crop_flip
+from .runtime import bound_allocator
 
 log = logging.getLogger(__name__)
 

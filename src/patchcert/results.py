@@ -271,23 +271,21 @@ def append_records(path: str | os.PathLike, records: Sequence[ExampleRecord]) ->
     append_jsonl(path, [r.to_line() for r in records])
 
 
+def _record(path: str | os.PathLike, i: int, d: dict[str, Any]) -> ExampleRecord:
+    try:
+        return ExampleRecord.from_json(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
+
+
 def _records(path: str | os.PathLike, objs: list[dict[str, Any]]) -> list[ExampleRecord]:
-    out = []
-    for i, d in enumerate(objs):
-        try:
-            out.append(ExampleRecord.from_json(d))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
-    return out
+    return [_record(path, i, d) for i, d in enumerate(objs)]
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[ExampleRecord]:
     """The records of a finished ``records.jsonl``, one at a time (memory independent of its length)."""
     for i, d in enumerate(iter_jsonl(path)):
-        try:
-            yield ExampleRecord.from_json(d)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
+        yield _record(path, i, d)
 
 
 def read_records(path: str | os.PathLike, allow_partial_tail: bool = False) -> list[ExampleRecord]:
