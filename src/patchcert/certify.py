@@ -55,7 +55,9 @@ from .results import (
     Summary,
     WorstCase,
     append_records,
+    load_scores,
     read_json,
+    read_summary,
     repair_records,
     save_scores,
     shard_dirname,
@@ -877,6 +879,10 @@ def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tu
     if shard is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
         raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
     run_dir = top / shard_dirname(*shard) if shard else top
+    writes = (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts")
+    if shard is not None and not any(top.glob("shard-*-of-*")):  # the merge will write these into RUN
+        rundir.check_new_run(top, (CONFIG_FILE, RECORDS_FILE) + writes, markers=())
+    rundir.check_new_run(run_dir, writes)  # a folder of the user's: nothing of theirs is overwritten
     if not lock:
         return rundir.prepare(run_dir)
     if shard is None:
@@ -905,6 +911,20 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
     log.info("resuming %s: %d/%d examples done", run_dir, len(done), job.total)
     return done, timing
+
+
+def _finished_run(job: _Job, run_dir: Path, ndone: int) -> Summary | None:
+    """The summary of the finished run in ``run_dir`` (every record, the summary and, with
+    ``save_scores``, the score file are there), or None if it still has work to do."""
+    if ndone != job.total or not (run_dir / SUMMARY_FILE).is_file():
+        return None
+    if job.save_scores and not (run_dir / SCORES_FILE).is_file():
+        return None
+    summary = read_summary(run_dir)
+    if summary.n != ndone:
+        return None
+    log.info("%s is finished (%d/%d examples): nothing to do", run_dir, ndone, job.total)
+    return summary
 
 
 def _start_run_dir(job: _Job, run_dir: Path, done: list[ExampleRecord], timing: dict[str, float]) -> None:
@@ -1126,6 +1146,9 @@ def certify_dataset(
         if out_dir is not None:
             run_dir = _hold_run(stack, out_dir, job.shard, lock)
             done, timing = _resume_records(job, run_dir, resume)
+            finished = _finished_run(job, run_dir, len(done))
+            if finished is not None:  # resuming a finished run: nothing to do, nothing rewritten
+                return CertifyRun(finished, done if keep_records else [], run_dir, job.config)
             _start_run_dir(job, run_dir, done, timing)
         timer = _Timer(job.device, timing)
         counter = SummaryCounter(_template(job, timer)).add(done)
@@ -1143,6 +1166,9 @@ def certify_dataset(
 
 def _join_score_parts(parts_dir: Path, dest: Path, meta: dict[str, Any], expect: int) -> None:
     parts = sorted(parts_dir.glob("*.safetensors"))
+    if not parts and dest.is_file() and len(load_scores(dest).indices) == expect:
+        shutil.rmtree(parts_dir, ignore_errors=True)  # joined already: interrupted before the summary
+        return
     chunks = [load_tensors(p)[0] for p in parts]
     if chunks:
         s = torch.cat([c["scores"] for c in chunks])

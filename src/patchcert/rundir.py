@@ -15,7 +15,10 @@ succeeded (:func:`hold_for_job`), so either every rank runs or every rank stops 
 message.
 
 Taking the exclusive lock also removes the ``.NAME.*.tmp`` files an interrupted atomic write
-left behind (nobody else can be writing them while it is held).
+of a run file left behind (nobody else can be writing them while it is held); no other file is
+ever removed (:func:`clean_stale_tmp`). A new run refuses a folder holding files it would
+overwrite (:func:`check_new_run`, :func:`check_training_folder`), and a ``.lock`` that is not
+patchcert's.
 
 Besides the lock: :func:`prepare` checks and creates the folder (an ``--out`` naming a file,
 a path below a file or an unwritable place is a one-line error); :func:`check_resume`
@@ -31,6 +34,7 @@ import errno
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -46,6 +50,9 @@ __all__ = [
     "hold_for_job",
     "prepare",
     "clean_stale_tmp",
+    "check_new_run",
+    "check_training_folder",
+    "RUN_FILES",
     "check_resume",
     "config_diff",
     "read_jsonl",
@@ -94,22 +101,90 @@ def prepare(path: str | os.PathLike, option: str = "--out") -> Path:
     return p
 
 
+# Every file a run folder may hold (certify, attack, train): a stale temporary file is removed only
+# when it belongs to one of these, and a new run refuses a folder where it would overwrite them.
+RUN_FILES = ("config.json", "records.jsonl", "progress.json", "summary.json", "summary.csv",
+             "scores.safetensors", "state.safetensors", "model.safetensors", "model.json", "log.csv")
+_RUN_SUBDIRS = ("shard-*-of-*", "scores.parts")
+_TMP = re.compile(r"\.(?P<name>[^/]+)\.[A-Za-z0-9_]+\.tmp")
+_PART = re.compile(r"\d{9}\.safetensors")
+
+
+def _ours(f: Path, in_parts: bool) -> bool:
+    """Whether ``f`` is a temporary file of patchcert's atomic writes (``.NAME.XXXX.tmp`` of a run file)."""
+    m = _TMP.fullmatch(f.name)
+    if m is None:
+        return False
+    return bool(_PART.fullmatch(m["name"])) if in_parts else m["name"] in RUN_FILES
+
+
 def clean_stale_tmp(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Remove ``.NAME.*.tmp`` files (left by an interrupted atomic write) in ``path`` (and, with
-    ``recursive``, its sub-folders). Only call this while holding the folder exclusively."""
+    """Remove the ``.NAME.*.tmp`` files an interrupted atomic write of a run file (``NAME`` in
+    :data:`RUN_FILES`) left in ``path`` (and, with ``recursive``, in its shard and
+    ``scores.parts`` folders, never elsewhere). Any other file, however named, is left alone: a
+    run may be pointed at a folder of the user's. Only call this while holding the folder
+    exclusively."""
     p = Path(path)
-    pattern = "**/.*.tmp" if recursive else ".*.tmp"
+    dirs = [(p, False)]
+    if recursive:
+        for pat in _RUN_SUBDIRS:
+            for d in sorted(p.glob(pat)):
+                dirs.append((d, d.name == "scores.parts"))
+                if d.name != "scores.parts":
+                    dirs.append((d / "scores.parts", True))
     gone = []
-    for f in p.glob(pattern):
-        if f.is_file():
-            try:
-                f.unlink()
-                gone.append(f)
-            except OSError as e:  # pragma: no cover - a race with an external cleaner
-                log.debug("could not remove %s: %s", f, e)
+    for d, in_parts in dirs:
+        if not d.is_dir() or d.is_symlink():
+            continue
+        for f in d.glob(".*.tmp"):
+            if _ours(f, in_parts) and f.is_file() and not f.is_symlink():
+                try:
+                    f.unlink()
+                    gone.append(f)
+                except OSError as e:  # pragma: no cover - a race with an external cleaner
+                    log.debug("could not remove %s: %s", f, e)
     if gone:
         log.info("removed %d unfinished temporary file(s) in %s", len(gone), p)
     return gone
+
+
+def check_new_run(path: str | os.PathLike, names: Sequence[str], markers: Sequence[str] = ("config.json", "records.jsonl"),
+                  option: str = "--out") -> None:
+    """Before a new run (``path`` holds none of ``markers``) writes ``names`` into ``path``:
+    refuse (one line, before anything is touched) when any of them already exists there: they
+    are not this run's to overwrite or delete. Call it before :func:`hold`."""
+    p = Path(path)
+    if not p.is_dir() or any(os.path.lexists(p / m) for m in markers):
+        return
+    there = [n for n in names if os.path.lexists(p / n)]
+    if there:
+        raise PatchcertError(f"{option} {str(p)!r} already holds {', '.join(repr(n) for n in there)} but no run "
+                             "to continue; choose an empty or new folder")
+
+
+def check_training_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """A training run's folder holds only a training run's files: refuse (one line, before
+    anything is written) a folder with anything else in it -- a certify or attack run, or a
+    folder of the user's -- since training overwrites ``config.json``, ``log.csv`` and the models."""
+    p = Path(path)
+    if not p.is_dir() or (p / "state.safetensors").is_file():  # absent, or a training run's (resumed)
+        return
+    allowed = {"config.json", "log.csv", "state.safetensors", "model.safetensors", "model.json", LOCK_FILE}
+    foreign = sorted(e.name for e in p.iterdir()
+                     if e.name not in allowed and not (e.is_file() and _ours(e, False)))
+    if not foreign:
+        cfg = p / "config.json"
+        if cfg.is_file():
+            try:
+                old = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = None
+            if not (isinstance(old, dict) and "objective" in old and "epochs" in old):
+                foreign = ["config.json (not a training config)"]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PatchcertError(f"{option} {str(p)!r} is not a training run folder (it holds {shown}); "
+                             "choose an empty or new folder")
 
 
 @dataclass
@@ -144,6 +219,14 @@ def _acquire(p: Path, mode: str, option: str) -> None:
         fd = os.open(p / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise PatchcertError(f"{option} {str(p)!r}: {os_error_message(e)}") from None
+    try:
+        head = os.pread(fd, 64, 0)
+    except OSError:
+        head = b""
+    if not re.fullmatch(rb"\d*\n?", head):  # a user's own .lock file: not ours to overwrite
+        os.close(fd)
+        raise PatchcertError(f"{option} {str(p)!r} holds a {LOCK_FILE!r} file that is not patchcert's; "
+                             "choose another folder")
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if mode == "exclusive" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError as e:

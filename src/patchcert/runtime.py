@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tune_allocator", "bound_allocator", "harden", "resolve_device", "math_mode", "precise_math"]
+__all__ = ["tune_allocator", "bound_allocator", "check_seed", "harden", "resolve_device", "math_mode", "precise_math"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -67,9 +67,21 @@ def bound_allocator() -> bool:
     return _mallopt(((_M_MMAP_THRESHOLD, _BOUNDED_THRESHOLD), (_M_TRIM_THRESHOLD, _BOUNDED_THRESHOLD)))
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, name: str = "--seed") -> None:
+    """One line unless ``seed`` is an integer every generator takes (0 .. 2**63-1)."""
+    from .errors import PatchcertError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise PatchcertError(f"{name} must be an integer in [0, 2**63-1], got {seed!r}")
+
+
 def harden(seed: int | None = 0, deterministic: bool = False) -> None:
     """Seeds everywhere, TF32 off (float32 means float32), optional deterministic algorithms."""
     if seed is not None:
+        check_seed(seed)
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
@@ -90,8 +102,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise PatchcertError(f"invalid device {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PatchcertError(f"device {str(device)!r} cannot run a model here; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PatchcertError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PatchcertError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PatchcertError(f"device {device!r} requested but MPS is not available")
     return dev
 
 

@@ -319,6 +319,8 @@ def attack_dataset(
     seconds: dict[str, float] = {}
     try:
         with contextlib.ExitStack() as stack:
+            if out_dir is not None:  # a folder of the user's: nothing of theirs is overwritten
+                rundir.check_new_run(out_dir, (SUMMARY, "png") if job.save_png else (SUMMARY,), (CONFIG, RECORDS))
             out = stack.enter_context(rundir.hold(out_dir)) if out_dir is not None else None
             done = _resume(job, out, resume) if out is not None else []
             records = list(done)

@@ -81,8 +81,8 @@ from ..geometry import patch_windows
 from ..loader import (STREAM_OBJECTIVE, EpochBatchSampler, TrainView, default_workers, example_generator,
                       load_batches, make_loader)
 from ..models import create_model
-from ..runtime import math_mode, precise_math
-from ..rundir import config_diff, hold_for_job
+from ..runtime import check_seed, math_mode, precise_math
+from ..rundir import check_training_folder, config_diff, hold_for_job
 from .objectives import OBJECTIVES, Objective, create_objective
 
 if sys.version_info >= (3, 11):
@@ -180,6 +180,11 @@ class TrainConfig:
             raise PatchcertError(f"batch_size must be positive, got {self.batch_size}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise PatchcertError(f"lr must be positive, got {self.lr}")
+        check_seed(self.seed, "seed")
+        bad = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
+               and not math.isfinite(getattr(self, f.name))]
+        if bad:
+            raise PatchcertError(f"training option {bad[0]} must be a finite number, got {getattr(self, bad[0])}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise PatchcertError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         if self.weight_decay < 0:
@@ -685,6 +690,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: bool,
     out = Path(cfg.out_dir)
     held = contextlib.ExitStack()
     try:
+        check_training_folder(out)  # before anything is written: a certify run or a user's folder is refused
         held.enter_context(hold_for_job(out))  # one process (or one torchrun job) per run folder
         state_path = out / "state.safetensors"
         resolved = asdict(cfg)
