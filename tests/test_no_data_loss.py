@@ -192,3 +192,109 @@ def test_check_new_run_is_quiet_for_a_run_and_for_a_fresh_folder(tmp_path):
         rundir.check_new_run(tmp_path, ["summary.json"])
     (tmp_path / "config.json").write_text("{}")  # a run: resuming it is check_resume's business
     rundir.check_new_run(tmp_path, ["summary.json"])
+
+
+# -- unreadable images: one line naming the file, or skipped on request --------------------------------
+
+def _folder_with_bad_images(root: Path) -> tuple[Path, dict[int, Path]]:
+    """4 classes x 3 PNGs (index = position in sorted order); examples 4 and 9 are broken: an empty
+    file and a text file named .png."""
+    from PIL import Image
+
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (40 * c, 10 * i, 100)).save(root / f"c{c}" / f"{i}.png")
+    bad = {4: root / "c1" / "1.png", 9: root / "c3" / "0.png"}
+    bad[4].write_bytes(b"")
+    bad[9].write_text("not an image\n")
+    return root, bad
+
+
+def _folder_args(root: Path, workers: int) -> list[str]:
+    return ["--model", "bagcert_cifar", "--model-cfg", '{"rf": 5, "width": 4}', "--dataset", f"imagefolder:{root}",
+            "--dataset-cfg", '{"size": 32, "resize": 32}', "--batch-size", "4", "--patch", "2x2", "--no-progress",
+            "--workers", str(workers)]
+
+
+@pytest.mark.parametrize("verb", ["certify", "attack"])
+def test_a_bad_image_in_a_worker_is_one_line_naming_the_file(verb, tmp_path, capsys):
+    root, bad = _folder_with_bad_images(tmp_path / "imgs")
+    extra = ["--steps", "2"] if verb == "attack" else ["--square-cap", "0"]
+    rc = main([verb, *_folder_args(root, 1), *extra, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "worker process" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and str(bad[4]) in lines[0], err
+
+
+def test_a_bad_image_while_training_is_one_line_naming_the_file(tmp_path, capsys):
+    root, bad = _folder_with_bad_images(tmp_path / "imgs")
+    rc = main(["train", "--dataset", f"imagefolder:{root}", "--model", "bagcert_cifar", "--set",
+               'model_cfg={"rf":5,"width":4}', "--set", 'dataset_cfg={"size":32,"resize":32}', "--set",
+               "data_workers=1", "--epochs", "1", "--batch-size", "12", "--set", "eval_examples=4",
+               "--no-progress", "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
+    assert rc == 2 and "Traceback" not in err and "worker process" not in err, err
+    assert len(lines) == 1 and (str(bad[4]) in lines[0] or str(bad[9]) in lines[0]), err
+
+
+def test_skip_bad_images_records_them_and_resume_and_shards_are_byte_identical(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import patchcert.results as results
+
+    root, bad = _folder_with_bad_images(tmp_path / "imgs")
+    args = ["certify", *_folder_args(root, 1), "--square-cap", "0", "--skip-bad-images", "--json"]
+    ref = tmp_path / "ref"
+    assert main(args + ["--out", str(ref)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["n"] == 10
+    summary = json.loads((ref / "summary.json").read_text())
+    assert [s["index"] for s in summary["metadata"]["skipped"]] == [4, 9]
+    assert str(bad[4]) in summary["metadata"]["skipped"][0]["reason"]
+    assert summary["n"] == 10 and summary["results"][0]["n"] == 10  # in no count
+    recs = [json.loads(ln)["index"] for ln in (ref / "records.jsonl").read_text().splitlines()]
+    assert recs == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
+    # without workers: the same
+    w0 = tmp_path / "w0"
+    assert main(["certify", *_folder_args(root, 0), "--square-cap", "0", "--skip-bad-images", "--out", str(w0)]) == 0
+    for f in ("records.jsonl", "skipped.jsonl"):
+        assert (w0 / f).read_bytes() == (ref / f).read_bytes()
+    # interrupted (a full disk at the third batch's records), then resumed: the same bytes
+    real, calls = results.append_jsonl, {"n": 0}
+
+    def full(path, lines):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, lines)
+
+    monkeypatch.setattr(results, "append_jsonl", full)
+    cut = tmp_path / "cut"
+    rc = main(args + ["--out", str(cut)])
+    _one_line(capsys, rc, "No space left on device", "--resume")
+    monkeypatch.setattr(results, "append_jsonl", real)
+    assert (cut / "skipped.jsonl").read_text().count("\n") == 2  # the third batch's skip is written, its records not
+    assert main(args + ["--out", str(cut), "--resume"]) == 0, capsys.readouterr().err
+    for f in ("records.jsonl", "skipped.jsonl"):
+        assert (cut / f).read_bytes() == (ref / f).read_bytes()
+    assert json.loads((cut / "summary.json").read_text())["metadata"]["skipped"] == summary["metadata"]["skipped"]
+    # shards, merged: the same records and the same list of skipped images
+    sh = tmp_path / "sh"
+    for i in range(2):
+        assert main(args + ["--out", str(sh), "--shard", f"{i}/2"]) == 0
+    assert main(["certify", "--merge", str(sh), "--json"]) == 0
+    capsys.readouterr()
+    assert (sh / "records.jsonl").read_bytes() == (ref / "records.jsonl").read_bytes()
+    merged = json.loads((sh / "summary.json").read_text())
+    assert merged["metadata"]["skipped"] == summary["metadata"]["skipped"] and merged["n"] == 10
+    # the report says so
+    assert main(["report", str(ref), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    rep = (tmp_path / "rep" / "report.md").read_text()
+    assert "skipped 2 unreadable image(s)" in rep and str(bad[9]) in rep
+    # and a resume of the finished run changes nothing
+    before = _hashes(ref)
+    assert main(args + ["--out", str(ref), "--resume"]) == 0
+    assert _hashes(ref) == before

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import rundir
-from .checkpoint import file_sha256, load_tensors, save_tensors, versions
+from .checkpoint import atomic_write_bytes, file_sha256, load_tensors, save_tensors, versions
 from .data import ImageSource, as_image_dataset, to_float
 from .defenses import Defense, create_defense
 from .errors import PatchcertError
@@ -67,6 +68,8 @@ from .results import (
 )
 
 log = logging.getLogger(__name__)
+
+SKIPPED_FILE = "skipped.jsonl"  # unreadable images skipped by skip_bad_images, one JSON object per line
 
 __all__ = [
     "DefenseSpec",
@@ -802,6 +805,8 @@ class _Job:
     seed: int | None
     command: str
     num_workers: int | None = None
+    skip_bad_images: bool = False  # record unreadable images in skipped.jsonl instead of stopping
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {index, reason}, in order
 
     @property
     def pixel_plans(self) -> list[DefensePlan]:
@@ -879,7 +884,7 @@ def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tu
     if shard is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
         raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
     run_dir = top / shard_dirname(*shard) if shard else top
-    writes = (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts")
+    writes = (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts", SKIPPED_FILE)
     if shard is not None and not any(top.glob("shard-*-of-*")):  # the merge will write these into RUN
         rundir.check_new_run(top, (CONFIG_FILE, RECORDS_FILE) + writes, markers=())
     rundir.check_new_run(run_dir, writes)  # a folder of the user's: nothing of theirs is overwritten
@@ -897,7 +902,9 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         return [], {}
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    expect = list(range(first, first + len(done)))
+    job.skipped = _resume_skipped(run_dir, first, [r.index for r in done])
+    skipped = {int(s["index"]) for s in job.skipped}
+    expect = [i for i in range(first, first + len(done) + len(skipped)) if i not in skipped]
     if job.scores is not None:
         expect = job.scores.indices[first:first + len(done)].tolist()
     if [r.index for r in done] != expect:
@@ -913,10 +920,30 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
     return done, timing
 
 
+def _resume_skipped(run_dir: Path, first: int, done: list[int]) -> list[dict[str, Any]]:
+    """The unreadable images an interrupted run skipped (``skipped.jsonl``), as far as its records
+    reach: a batch's skipped images are written before its records, so entries past the last
+    recorded batch are dropped (that batch is read again)."""
+    p = run_dir / SKIPPED_FILE
+    if not p.exists():
+        return []
+    entries = rundir.read_jsonl(p, tail="repair")
+    if not all(isinstance(e.get("index"), int) and isinstance(e.get("reason"), str) for e in entries):
+        raise PatchcertError(f"cannot resume {run_dir}: {SKIPPED_FILE} is corrupt")
+    have = set(done) | {int(e.get("index", -1)) for e in entries}
+    end = first
+    while end in have:
+        end += 1
+    keep = [e for e in entries if first <= int(e["index"]) < end]
+    if len(keep) != len(entries):
+        atomic_write_bytes(p, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in keep).encode())
+    return keep
+
+
 def _finished_run(job: _Job, run_dir: Path, ndone: int) -> Summary | None:
     """The summary of the finished run in ``run_dir`` (every record, the summary and, with
     ``save_scores``, the score file are there), or None if it still has work to do."""
-    if ndone != job.total or not (run_dir / SUMMARY_FILE).is_file():
+    if ndone + len(job.skipped) != job.total or not (run_dir / SUMMARY_FILE).is_file():
         return None
     if job.save_scores and not (run_dir / SCORES_FILE).is_file():
         return None
@@ -932,7 +959,8 @@ def _start_run_dir(job: _Job, run_dir: Path, done: list[ExampleRecord], timing: 
         (run_dir / f).unlink(missing_ok=True)
     write_json(run_dir / CONFIG_FILE, job.config)
     (run_dir / RECORDS_FILE).touch()
-    write_json(run_dir / PROGRESS_FILE, {"done": len(done), "total": job.total, "complete": False, "timing": timing})
+    write_json(run_dir / PROGRESS_FILE, {"done": len(done) + len(job.skipped), "total": job.total, "complete": False,
+                                         "timing": timing})
 
 
 def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
@@ -942,6 +970,8 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
     x = None
     if images is not None:
         xb, y, idx = next(images)
+        if len(idx) == 0:  # every image of the batch was unreadable (and skipped)
+            return None, y, idx, None  # type: ignore[return-value]
         x = to_float(xb.to(job.device, non_blocking=job.device.type == "cuda"))
         timer.sync()
         t0 = time.perf_counter()
@@ -997,31 +1027,49 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
         from .loader import load_batches
 
         images = load_batches(job.data, [range(job.start + b * B, job.start + min((b + 1) * B, n)) for b in todo],
-                              job.num_workers, pin_memory=job.device.type == "cuda")
+                              job.num_workers, pin_memory=job.device.type == "cuda",
+                              on_bad=(lambda i, why: bad.append({"index": i, "reason": why}))
+                              if job.skip_bad_images else None)
+    bad: list[dict[str, Any]] = []  # the unreadable images of the current batch
     try:
         with torch.no_grad(), precise_math():
             for b in todo:
                 lo, hi = b * B, min((b + 1) * B, n)
                 pos = torch.arange(job.start + lo, job.start + hi)
+                bad.clear()
                 smap, y, idx, x = _batch_maps(job, pos, images, timer)
-                if job.save_scores and parts_dir is not None:
+                if smap is None:
+                    batch_records: list[ExampleRecord] = []
+                elif job.save_scores and parts_dir is not None:
                     save_tensors(parts_dir / f"{lo:09d}.safetensors",
                                  {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
-                # never round the map down: a float64 model is certified on its float64 scores
-                sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
-                batch_records = certify_batch(sdef, y.to(job.device), idx.tolist(), job.defense_plans,
-                                              job.patch_plans, job.squares, timer, job.square_method,
-                                              tables=_pixel_tables(job, x, timer))
+                if smap is not None:  # never round the map down: a float64 model is certified on its float64 scores
+                    sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
+                    batch_records = certify_batch(sdef, y.to(job.device), idx.tolist(), job.defense_plans,
+                                                  job.patch_plans, job.squares, timer, job.square_method,
+                                                  tables=_pixel_tables(job, x, timer))
                 timer.add("images", float(len(pos)))
-                new = batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records
+                if job.scores is None:  # dataset indices are positions: keep what is not recorded yet
+                    nxt = job.start + job.lo + ndone
+                    new = [r for r in batch_records if r.index >= nxt]
+                    new_bad = [e for e in bad if e["index"] >= nxt]
+                else:
+                    new, new_bad = (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone
+                                    else batch_records), []
                 if run_dir is not None:
+                    if new_bad:  # before the records: a resume trims what its records do not reach
+                        rundir.append_jsonl(run_dir / SKIPPED_FILE, [json.dumps(e, separators=(",", ":"))
+                                                                     for e in new_bad])
                     append_records(run_dir / RECORDS_FILE, new)
-                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new), "total": job.total,
+                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new) + len(new_bad), "total": job.total,
                                                          "complete": False, "timing": timer.totals})
+                for e in new_bad:
+                    log.warning("skipped example %d: %s", e["index"], e["reason"])
+                job.skipped.extend(new_bad)
                 counter.add(new)
                 if keep:
                     records.extend(new)
-                ndone += len(new)
+                ndone += len(new) + len(new_bad)
                 if progress is not None:
                     progress(ndone, job.total)
     finally:
@@ -1061,6 +1109,7 @@ def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
         scores_file=prov["scores_path"], scores_sha256=prov["scores_sha256"], start=job.start,
         indices=[counter.first_index, counter.last_index] if counter.n else [],
         batch_size=job.batch_size, square_cap=job.square_cap, shard=list(job.shard) if job.shard else None,
+        skipped=list(job.skipped),
         defense_seconds_per_image={dp.key: {"predict": _per_image(timer, f"{dp.key}|predict"),
                                             "largest_square": _per_image(timer, f"{dp.key}|largest_square"),
                                             **({"masked_forward": _per_image(timer, f"{dp.key}|table")} if dp.on_pixels
@@ -1079,7 +1128,7 @@ def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, time
             "model": prov["model"], "model_sha256": prov["model_sha256"], "model_hash_of": prov["hash_of"],
             "model_config": prov["model_config"], "checkpoint": prov["checkpoint"], "classes": job.src.classes,
             "data": prov["data"], "shard": list(job.shard) if job.shard else None,
-        }, job.total)
+        }, job.total - len(job.skipped))
     write_summary(run_dir, summary)
     write_json(run_dir / PROGRESS_FILE, {"done": ndone, "total": job.total, "complete": True, "timing": timer.totals})
 
@@ -1108,6 +1157,7 @@ def certify_dataset(
     num_workers: int | None = None,
     lock: bool = True,
     keep_records: bool = True,
+    skip_bad_images: bool = False,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -1135,10 +1185,14 @@ def certify_dataset(
     ``keep_records=False``: the returned run holds no records (``records == []``; they are in
     ``out_dir/records.jsonl``) and the summary is counted as the run goes, so memory does not grow
     with the number of examples either (the ``patchcert certify`` command runs this way).
+    An image that cannot be decoded stops the run with a one-line DataError naming its file;
+    ``skip_bad_images=True`` records it as skipped instead (``out_dir/skipped.jsonl`` and the
+    summary's ``metadata.skipped``, ``{index, reason}``): it has no record and is in no count.
     """
     job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
                     out_dir, save_scores, square_cap, square_method, seed, command)
     job.num_workers = num_workers
+    job.skip_bad_images = bool(skip_bad_images)
     with contextlib.ExitStack() as stack:
         run_dir: Path | None = None
         done: list[ExampleRecord] = []
@@ -1152,7 +1206,7 @@ def certify_dataset(
             _start_run_dir(job, run_dir, done, timing)
         timer = _Timer(job.device, timing)
         counter = SummaryCounter(_template(job, timer)).add(done)
-        ndone, records = len(done), (done if keep_records else [])
+        ndone, records = len(done) + len(job.skipped), (done if keep_records else [])
         del done  # without keep_records, the resumed records are counted and dropped
         records = _certify_loop(job, run_dir, records, ndone, timer, progress, counter, keep=keep_records)
         summary = _summary(job, counter, timer)

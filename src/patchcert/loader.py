@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .data import ImageSource, augment_crop_flip, center_crop, random_crop_flip
+from .errors import DataError
 from .runtime import bound_allocator
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,12 @@ class TrainView(torch.utils.data.Dataset):
     def image_size(self) -> tuple[int, int]:
         return (self.crop, self.crop) if self.crop else tuple(self.source.image_size)  # type: ignore[return-value]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int | str, int]:
         epoch, index = key
-        x, y = self.source[index]
+        try:
+            x, y = self.source[index]
+        except DataError as e:  # told to the main process as data: one line there, no worker traceback
+            return None, str(e), int(index)
         x = x[None]
         if self.crop is None:
             if self.augment:
@@ -159,14 +163,43 @@ class _Indexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        x, y = self.source[int(i)]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int | str, int]:
+        try:
+            x, y = self.source[int(i)]
+        except DataError as e:  # told to the main process as data: one line there, no worker traceback
+            return None, str(e), int(i)
         return x, int(y), int(i)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    xs, ys, idx = zip(*items)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(idx, dtype=torch.int64)
+def _collate(items: list[tuple[torch.Tensor | None, int | str, int]]) -> tuple:
+    """``(x, y, idx)`` of the readable items, plus ``[(index, reason), ...]`` of the unreadable
+    ones as a fourth element when there are any (an image that failed to decode)."""
+    bad = [(int(i), str(y)) for x, y, i in items if x is None]
+    good = [t for t in items if t[0] is not None]
+    x = torch.stack([t[0] for t in good]) if good else torch.zeros(0, dtype=torch.uint8)  # type: ignore[misc]
+    out = (x, torch.tensor([t[1] for t in good], dtype=torch.int64), torch.tensor([t[2] for t in good], dtype=torch.int64))
+    return (*out, bad) if bad else out
+
+
+def _checked(item: tuple, on_bad: Callable[[int, str], None] | None = None) -> tuple:
+    """A collated batch with its unreadable images: a one-line DataError naming the first file,
+    or, with ``on_bad(index, reason)``, each reported and the batch without them."""
+    if len(item) == 3:
+        return item
+    if on_bad is None:
+        raise DataError(item[3][0][1])
+    for i, reason in item[3]:
+        on_bad(i, reason)
+    return item[:3]
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose batches are checked (:func:`_checked`): an unreadable image in a worker is
+    one line naming its file, not "Caught DataError in DataLoader worker process 0" and a traceback."""
+
+    def __iter__(self):  # type: ignore[override]
+        for item in super().__iter__():
+            yield _checked(item)
 
 
 def default_workers(source: ImageSource | TrainView) -> int:
@@ -238,18 +271,22 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Iterable, num_
     if num_workers > 0:
         kw = {"persistent_workers": persistent, "prefetch_factor": 2,
               "multiprocessing_context": worker_start_method(), "worker_init_fn": _init_worker}
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+    return _Loader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                                        collate_fn=_collate, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(0), **kw)
 
 
 def load_batches(source: ImageSource, batches: Sequence[Sequence[int] | torch.Tensor], num_workers: int | None = None,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 pin_memory: bool = False, on_bad: Callable[[int, str], None] | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Read ``batches`` (lists of indices) of ``source`` in order -> ``(x uint8, y int64, idx int64)``.
 
     ``num_workers`` (default :func:`default_workers`): DataLoader worker processes that decode
     the next batches while the caller computes. In-memory data without workers is indexed
-    directly (no copies through the DataLoader).
+    directly (no copies through the DataLoader). An image that cannot be decoded (in a worker
+    or not) is a one-line :class:`~patchcert.errors.DataError` naming its file; with
+    ``on_bad(index, reason)`` it is reported there instead and left out of its batch (a batch
+    may then be empty: ``x`` of shape ``[0]``).
     """
     batches = [torch.as_tensor(b, dtype=torch.int64).reshape(-1) for b in batches]
     if num_workers is None:
@@ -261,4 +298,5 @@ def load_batches(source: ImageSource, batches: Sequence[Sequence[int] | torch.Te
         return
     loader = make_loader(_Indexed(source), [b.tolist() for b in batches], min(num_workers, len(batches)),
                          pin_memory=pin_memory)
-    yield from loader
+    for item in torch.utils.data.DataLoader.__iter__(loader):
+        yield _checked(item, on_bad)

@@ -370,6 +370,7 @@ class RunMetadata:
     shard: list[int] | None = None
     merged_from: int | None = None
     defense_seconds_per_image: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # unreadable images left out: {index, reason}
     created: str = ""
     format: int = FORMAT_VERSION
 
@@ -771,12 +772,15 @@ def _merge(d: Path, out: Any, keep_records: bool):
             raise PatchcertError(f"cannot merge {d}: shard {i} says {summaries[i].n} examples but its "
                                  f"records.jsonl holds {counter.n - n_before}")
     total = configs[0].get("total")
-    if total is not None and counter.n != int(total):
-        raise PatchcertError(f"cannot merge {d}: shards hold {counter.n} examples, the run selects {total}")
+    skipped = [x for s in summaries for x in s.metadata.skipped]  # shard order: the single run's order
+    if total is not None and counter.n + len(skipped) != int(total):
+        raise PatchcertError(f"cannot merge {d}: shards hold {counter.n} examples"
+                             + (f" and {len(skipped)} skipped" if skipped else "") + f", the run selects {total}")
 
     md = RunMetadata.from_json(s0.metadata.to_json())
     md.shard = None
     md.merged_from = n_sh
+    md.skipped = skipped
     md.num_examples = counter.n
     md.forward_seconds_per_image = wavg([(s.metadata.forward_seconds_per_image, s.n) for s in summaries])
     md.indices = [counter.first_index, counter.last_index] if counter.n else []

@@ -84,6 +84,9 @@ def register(sub) -> None:
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument("--shard", metavar="i/n", help="certify shard i of n (0-based) into RUN/shard-i-of-n/")
     r.add_argument("--merge", metavar="RUN", help="merge the finished shards of RUN and print the results")
+    r.add_argument("--skip-bad-images", action="store_true",
+                   help="record images that cannot be decoded as skipped (RUN/skipped.jsonl, listed in the "
+                        "summary, in no count) instead of stopping at the first")
     r.add_argument("--save-scores", action="store_true", help="also write RUN/scores.safetensors (the score maps)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the results as one JSON line (last line of stdout)")
@@ -262,6 +265,9 @@ def _print_table(summary: Any, run_dir: Path | None) -> None:
     for k, curve in summary.square_curves.items():
         if curve:
             lines.append(f"{k}: {square_summary(curve)}")
+    if md.skipped:
+        lines.append(f"skipped {len(md.skipped)} unreadable image(s), in no count (listed in summary.json): "
+                     + ", ".join(str(s["index"]) for s in md.skipped[:5]) + (" ..." if len(md.skipped) > 5 else ""))
     if run_dir is not None:
         lines.append(f"run directory: {run_dir}")
     for ln in lines:
@@ -362,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, device=device, dtype=args.dtype, num_examples=args.num_examples,
                     start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
                     square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
-                    num_workers=args.workers, lock=not distributed, keep_records=False)
+                    num_workers=args.workers, lock=not distributed, keep_records=False,
+                    skip_bad_images=args.skip_bad_images)
             finally:
                 if bar is not None:
                     bar.close()

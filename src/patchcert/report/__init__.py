@@ -148,6 +148,12 @@ def make_report(
         lines.append("Attack runs: " + ", ".join(f"`{a.path}`" for a in att))
     lines += ["", "Accuracies over the run's examples; certified = a lower bound on robust accuracy, robust (attack) "
               "= accuracy under the heuristic patch attack, an upper bound.", "", md_table]
+    for r in loaded:  # images that could not be decoded (certify --skip-bad-images): in no count
+        sk = r.summary.metadata.skipped
+        if sk:
+            lines += [f"Run `{r.path}` skipped {len(sk)} unreadable image(s), counted nowhere above:", ""]
+            lines += [f"- example {e['index']}: {e['reason']}" for e in sk[:50]]
+            lines += ([f"- ... and {len(sk) - 50} more (summary.json lists them all)"] if len(sk) > 50 else []) + [""]
     for title, p in images:
         lines += [f"## {title}", "", f"![{title}]({p.name})", ""]
     if res.skipped:
