@@ -11,12 +11,15 @@ Writes are atomic (temporary file + ``os.replace``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "check_readable",
+    "torch_load_weights",
     "save_checkpoint",
     "portable_metadata",
     "load_checkpoint",
@@ -54,7 +59,10 @@ def versions() -> dict[str, str]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -62,11 +70,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and weights are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):  # a full disk, a file size limit ...: name the file being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
@@ -95,9 +105,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """Read a safetensors file written by :func:`save_tensors`; clear error on anything else."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    path = check_readable(path)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -163,13 +171,51 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return load_tensors(path)[1]
 
 
-def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+def check_readable(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``path`` as a Path if it is a readable file; else a one-line CheckpointError saying why
+    (missing, a folder, permission denied, ...)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{what} {str(p)!r} is a folder, not a file")
+    if not p.exists():
+        raise CheckpointError(f"{what} {str(p)!r} does not exist")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        hint = "; check the permissions" if e.errno in (errno.EACCES, errno.EPERM) else ""
+        raise CheckpointError(f"cannot read {what} {str(p)!r}: {e.strerror or e}{hint}") from None
+    return p
+
+
+_CORRUPT = ("PytorchStreamReader", "zip archive", "truncated", "central directory", "EOF", "unexpected end")
+
+
+def torch_load_weights(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors: a truncated or
+    corrupt file is called so, and a file whose pickle would build objects or call functions is
+    refused (nothing in it runs). torch's own warnings about the pickle (e.g. "Detected pickle
+    protocol 5") are noise beside that error and are not shown."""
+    p = check_readable(path)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: empty file (corrupt or truncated)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: refused to load (only plain tensor state dicts are accepted; {type(e).__name__})"
-        ) from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        if isinstance(e, EOFError) or any(m in text for m in _CORRUPT):
+            raise CheckpointError(f"{p}: corrupt or truncated ({type(e).__name__}: "
+                                  f"{text.strip().splitlines()[0][:100] if text.strip() else 'end of file'})") from None
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+        reason = " ".join((m.group(1) if m else text).split())[:140]
+        raise CheckpointError(f"{p}: refused to load ({type(e).__name__}: {reason}); only plain tensor files are "
+                              "read (torch.load with weights_only=True), nothing in the file was run") from None
+
+
+def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+    obj = torch_load_weights(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -181,9 +227,7 @@ def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict + metadata of a checkpoint (safetensors; ``.pth`` via weights_only)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    path = check_readable(path)
     if path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
         return _load_legacy(path), {}
     return load_tensors(path)
@@ -197,11 +241,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     arch = meta.get("arch")
     if not arch:
         raise CheckpointError(f"{path}: checkpoint metadata names no architecture")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: checkpoint metadata 'arch' must be a model name, got {arch!r:.60}")
     cfg = meta.get("config") or {}
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: checkpoint config is not an object")
-    try:
-        model = create_model(arch, num_classes=int(meta.get("num_classes") or 10), **cfg)
+    try:  # create_model checks num_classes (a positive int) and the options
+        model = create_model(arch, num_classes=meta.get("num_classes", 10), **cfg)
     except CheckpointError:
         raise
     except ValueError as e:

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, not_found
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
             raise DataError("no data folder: pass --data-dir or set PATCHCERT_DATA")
     p = Path(data_dir).expanduser()
     if not p.is_dir():
-        raise DataError(f"data folder {str(p)!r} does not exist")
+        raise DataError(not_found("data folder", p, folder=True))
     return p
 
 
@@ -286,7 +286,7 @@ def _check_folder_sizes(size: int, resize: int) -> None:
 def _list_image_folder(root: Path, limit: int | None) -> tuple[list[str], list[Path], list[int]]:
     """Classes (sorted sub-folder names) and the image files with their labels, in a fixed order."""
     if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist")
+        raise DataError(not_found("image folder", root, folder=True))
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"image folder: limit must be a positive int, got {limit!r}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())

@@ -14,3 +14,16 @@ class CheckpointError(PatchcertError):
 
 class DataError(PatchcertError):
     """A dataset is missing or malformed."""
+
+
+def not_found(what: str, path: object, folder: bool) -> str:
+    """The one line for a ``path`` that is not the ``folder`` (or file) ``what`` names: it is a
+    file where a folder was expected, a folder where a file was, or absent."""
+    import os
+
+    p = os.fspath(path)  # type: ignore[call-overload]
+    if folder and os.path.isfile(p):
+        return f"{what} {p!r} is a file, not a folder"
+    if not folder and os.path.isdir(p):
+        return f"{what} {p!r} is a folder, not a file"
+    return f"{what} {p!r} does not exist"

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .checkpoint import atomic_write_text, file_sha256, load_tensors, save_tensors
-from .errors import PatchcertError
+from .errors import PatchcertError, not_found
 from .rundir import append_jsonl, hold, iter_jsonl, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
@@ -579,7 +579,7 @@ def load_scores(path: str | os.PathLike) -> ScoreFile:
     """Read and validate a score file (``--scores FILE``)."""
     p = Path(path)
     if not p.is_file():
-        raise PatchcertError(f"score file {str(p)!r} does not exist")
+        raise PatchcertError(not_found("score file", p, folder=False))
     try:
         tensors, meta = load_tensors(p)
     except PatchcertError as e:
@@ -596,6 +596,11 @@ def load_scores(path: str | os.PathLike) -> ScoreFile:
     if n and (int(y.min()) < 0 or int(y.max()) >= k):
         raise PatchcertError(f"{p}: labels outside 0..{k - 1} for {k}-class scores")
     classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise PatchcertError(f"{p}: metadata 'classes' must be a list of class names, got {classes!r:.60}")
+    for key in ("data", "model_config", "geometry"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise PatchcertError(f"{p}: metadata {key!r} must be an object, got {meta[key]!r:.60}")
     if classes is not None and len(classes) != k:
         raise PatchcertError(f"{p}: {k}-class scores but the metadata lists {len(classes)} classes")
     for key in ("geometry", "image_size"):
@@ -659,7 +664,7 @@ def load_run(run_dir: str | os.PathLike, require_complete: bool = True) -> tuple
     """Summary and records of a finished run; a clear error for an unfinished or unmerged one."""
     d = Path(run_dir)
     if not d.is_dir():
-        raise PatchcertError(f"run directory {str(d)!r} does not exist")
+        raise PatchcertError(not_found("run directory", d, folder=True))
     st = run_status(d)
     if not st["complete"] and require_complete:
         if st["shards"]:

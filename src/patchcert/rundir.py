@@ -73,12 +73,15 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
     hint = {
         errno.ENOSPC: "; free some space and rerun (add --resume to continue)",
         errno.EDQUOT: "; free some space and rerun (add --resume to continue)",
+        errno.EFBIG: "; the file system's file size limit was reached: choose another place or raise the "
+                     "limit, and rerun (add --resume to continue)",
         errno.EROFS: "; choose a writable --out",
         errno.EACCES: "; check the permissions or choose another path",
         errno.EEXIST: "; it is a file, not a directory",
         errno.ENOTDIR: "; a part of the path is a file, not a directory",
     }.get(e.errno or 0, "")
-    return f"cannot access{where}: {why}{hint}"
+    verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "cannot access"
+    return f"{verb}{where}: {why}{hint}"
 
 
 def prepare(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -404,7 +407,10 @@ def append_jsonl(path: str | os.PathLike, lines: Sequence[str]) -> None:
     if not lines:
         return
     data = "".join(line + "\n" for line in lines).encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk, a file size limit ...: name the file
+        raise OSError(e.errno, e.strerror or str(e), str(e.filename or path)) from None

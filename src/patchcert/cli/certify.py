@@ -213,11 +213,11 @@ def _load_model_and_data(args: argparse.Namespace, device: Any):
         ds = args.dataset or "cifar10"
         ncls = cfg.pop("num_classes", None)
         if ds == "synthetic":  # synthetic data follows the model
-            model = create_model(args.model, num_classes=int(ncls or 10), **cfg)
+            model = create_model(args.model, num_classes=10 if ncls is None else ncls, **cfg)
             data = _load_data(ds, args, model.num_classes, model.geometry.input_size)
         else:
             data = _load_data(ds, args, None, None)
-            model = create_model(args.model, num_classes=int(ncls or data.num_classes), **cfg)
+            model = create_model(args.model, num_classes=data.num_classes if ncls is None else ncls, **cfg)
         log.warning("model %r is randomly initialised (seed %s): its certificates say nothing about a "
                     "trained model; pass a checkpoint to --model", args.model, args.seed)
         return model.to(device), data
@@ -302,6 +302,12 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import harden, resolve_device
 
     if args.merge:
+        given = [f for f, v in (("--shard", args.shard), ("--resume", args.resume), ("--out", args.out),
+                                ("--save-scores", args.save_scores), ("--skip-bad-images", args.skip_bad_images))
+                 if v]
+        if given:
+            raise PatchcertError(f"--merge RUN joins finished shards; it takes no {', '.join(given)} "
+                                 "(finish a shard with --shard i/n --resume --out RUN first)")
         summary, _ = merge_shards(args.merge, keep_records=False)
         print(f"merged {summary.metadata.merged_from} shards into {args.merge}", file=sys.stderr)
         _emit(summary, args, Path(args.merge))

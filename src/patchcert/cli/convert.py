@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import PatchcertError
+from ..errors import PatchcertError, not_found
 
 
 def register(sub) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = Path(args.classes)
         if not path.is_file():
-            raise PatchcertError(f"--classes file {args.classes!r} does not exist")
+            raise PatchcertError(not_found("--classes file", args.classes, folder=False))
         names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     res = convert_checkpoint(args.src, args.arch, args.out, num_classes=args.num_classes, model_cfg=cfg,
                              select_classes=args.select_classes, classes=names, overwrite=args.force)

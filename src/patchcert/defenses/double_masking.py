@@ -35,6 +35,10 @@ from ..masks import MaskSet, apply_masks, mask_set
 
 log = logging.getLogger(__name__)
 
+#: masked forward passes per image beyond which a mask set is refused before any work (k=6 on one
+#: shape: 666; the 8 shapes of area=24 with k=6: 34,980; k=100000 on 32x32 images: 307,720)
+MAX_MASKED_PASSES = 200_000
+
 __all__ = [
     "DoubleMasking",
     "union_mask_set",
@@ -294,7 +298,17 @@ class DoubleMasking:
             shapes = [(int(a), int(b)) for a, b in default_shapes]
         else:
             raise PatchcertError("double-masking: no patch to build the mask set for (set patch=...)")
-        return union_mask_set(image_size, shapes, self.k)
+        ms = union_mask_set(image_size, shapes, self.k)
+        m = len(ms)
+        passes = m * (m + 1) // 2  # the table: the model on every one- and two-mask image
+        if passes > MAX_MASKED_PASSES:
+            raise PatchcertError(
+                f"double-masking: k={self.k} on {int(image_size[0])}x{int(image_size[1])} images gives {m} masks, "
+                f"{passes:,} masked forward passes per image (k=6 and one patch shape: 666); "
+                f"the limit is {MAX_MASKED_PASSES:,}: choose a smaller k")
+        if passes > MAX_MASKED_PASSES // 20:
+            log.warning("double-masking: %d masks, %s masked forward passes per image", m, f"{passes:,}")
+        return ms
 
     def table(self, model: nn.Module, x: torch.Tensor, ms: MaskSet, batch_size: int = 512) -> torch.Tensor:
         return masked_prediction_table(model, x, ms, self.fill, batch_size=batch_size, bf16=self.bf16)

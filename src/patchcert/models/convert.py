@@ -61,19 +61,11 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _torch_load_reason(e: BaseException) -> str:
-    """The informative part of a torch.load error (its weights-only message is a long multi-line text)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
-    reason = m.group(1) if m else text
-    return f"{type(e).__name__}: {_one_line(Exception(reason), 140)}"
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from a ``.pth``/``.pth.tar``/``.pt`` (weights_only) or ``.safetensors`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"source weights {str(path)!r} do not exist")
+    from ..checkpoint import check_readable
+
+    path = check_readable(path, "source weights")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -82,13 +74,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"{path}: refused to load ({_torch_load_reason(e)}); only plain tensor files are read "
-                "(torch.load with weights_only=True), nothing in the file was run"
-            ) from None
+        from ..checkpoint import torch_load_weights
+
+        obj = torch_load_weights(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

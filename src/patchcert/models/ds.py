@@ -221,6 +221,8 @@ def _build(arch: str, mode: str, num_classes: int, b: int, base: str, base_cfg: 
             raise PatchcertError(f"{arch}: {key} must be a positive int, got {v!r}")
     if not isinstance(base, str) or base.startswith("ds_"):
         raise PatchcertError(f"{arch}: base must be the name of a registered backbone, got {base!r}")
+    if base_cfg is not None and not isinstance(base_cfg, dict):
+        raise PatchcertError(f"{arch}: base_cfg must be an object of the base model's options, got {base_cfg!r:.60}")
     base_cfg = dict(base_cfg or {})
     for reserved in ("num_classes", "in_chans"):
         if reserved in base_cfg:

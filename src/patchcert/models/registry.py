@@ -58,8 +58,15 @@ def create_model(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
                 f"model {name!r} does not take option(s) {', '.join(unknown)}; "
                 f"it takes: {', '.join(p for p in params if p != 'num_classes')}"
             )
-    _check_size(name, fn, num_classes, cfg)
-    return fn(num_classes=num_classes, **cfg)
+    try:
+        _check_size(name, fn, num_classes, cfg)
+        return fn(num_classes=num_classes, **cfg)
+    except PatchcertError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # an option of the wrong type, deep in a factory
+        opts = ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+        raise PatchcertError(f"model {name!r} cannot be built from its options ({opts}): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _memory_bytes() -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import PatchcertError
+from ..errors import PatchcertError, not_found
 from ..results import (
     RECORDS_FILE,
     SUMMARY_FILE,
@@ -106,7 +106,7 @@ def load_certify_run(path: str | os.PathLike) -> CertifyRunData:
     """
     d = Path(path)
     if not d.is_dir():
-        raise PatchcertError(f"run directory {str(d)!r} does not exist")
+        raise PatchcertError(not_found("run directory", d, folder=True))
     if (d / SUMMARY_FILE).is_file():
         return _load_single(d)
     shards = find_shards(d)
@@ -130,7 +130,7 @@ def load_attack_run(path: str | os.PathLike) -> AttackRunData:
     """Load a finished ``patchcert attack`` run (one-line error if unfinished or not one)."""
     d = Path(path)
     if not d.is_dir():
-        raise PatchcertError(f"attack run directory {str(d)!r} does not exist")
+        raise PatchcertError(not_found("attack run directory", d, folder=True))
     if not (d / SUMMARY_FILE).is_file():
         if (d / RECORDS_FILE).exists():
             raise PatchcertError(f"{d} is incomplete: no summary.json; finish it with patchcert attack --resume --out {d}")
