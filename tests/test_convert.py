@@ -200,7 +200,7 @@ def test_output_guards(tmp_path, source_model):
         convert_checkpoint(src, "bagnet17", tmp_path / "o.pth", model_cfg={"width": 2})
     with pytest.raises(PatchcertError, match="unknown model"):
         convert_checkpoint(src, "bagnet18", tmp_path / "o.safetensors")
-    with pytest.raises(CheckpointError, match="do not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         convert_checkpoint(tmp_path / "nope.pth", "bagnet17", tmp_path / "o.safetensors")
     out = tmp_path / "o.safetensors"
     convert_checkpoint(src, "bagnet17", out, model_cfg={"width": 2})

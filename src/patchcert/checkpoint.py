@@ -206,7 +206,8 @@ def torch_load_weights(path: str | os.PathLike) -> Any:
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        if isinstance(e, (EOFError, struct.error)) or any(m in text for m in _CORRUPT):
+        hostile = "Weights only load failed" in text or "WeightsUnpickler" in text
+        if not hostile and (isinstance(e, (EOFError, struct.error)) or any(m in text for m in _CORRUPT)):
             raise CheckpointError(f"{p}: corrupt or truncated ({type(e).__name__}: "
                                   f"{text.strip().splitlines()[0][:100] if text.strip() else 'end of file'})") from None
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)

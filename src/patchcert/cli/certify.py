@@ -293,6 +293,15 @@ def _dist_env() -> tuple[int, int]:
     return rank, world
 
 
+def _check_merge_flags(args: argparse.Namespace) -> None:
+    """``--merge RUN`` with a flag it would ignore is refused (one line)."""
+    given = [f for f, v in (("--shard", args.shard), ("--resume", args.resume), ("--out", args.out),
+                            ("--save-scores", args.save_scores), ("--skip-bad-images", args.skip_bad_images)) if v]
+    if given:
+        raise PatchcertError(f"--merge RUN joins finished shards; it takes no {', '.join(given)} "
+                             "(finish a shard with --shard i/n --resume --out RUN first)")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -302,12 +311,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import harden, resolve_device
 
     if args.merge:
-        given = [f for f, v in (("--shard", args.shard), ("--resume", args.resume), ("--out", args.out),
-                                ("--save-scores", args.save_scores), ("--skip-bad-images", args.skip_bad_images))
-                 if v]
-        if given:
-            raise PatchcertError(f"--merge RUN joins finished shards; it takes no {', '.join(given)} "
-                                 "(finish a shard with --shard i/n --resume --out RUN first)")
+        _check_merge_flags(args)
         summary, _ = merge_shards(args.merge, keep_records=False)
         print(f"merged {summary.metadata.merged_from} shards into {args.merge}", file=sys.stderr)
         _emit(summary, args, Path(args.merge))
