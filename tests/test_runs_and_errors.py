@@ -172,12 +172,12 @@ def test_full_disk_is_one_line_and_resume_completes_the_run(tmp_path, monkeypatc
 
 
 def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch, capsys):
-    import patchcert.train.loop as loop
+    import patchcert.train.state as state  # where the training state is written
 
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(loop, "save_tensors", full)
+    monkeypatch.setattr(state, "save_tensors", full)
     rc = main(["train", "--dataset", "synthetic", "--model", "bagcert_cifar", "--set", 'model_cfg={"rf":5,"width":4}',
                "--epochs", "1", "--batch-size", "8", "--set", "max_train_examples=8", "--set", "eval_examples=4",
                "--no-progress", "--out", str(tmp_path / "t")])
