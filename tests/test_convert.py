@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from patchcert import CheckpointError, PatchcertError, create_model
-from patchcert.checkpoint import file_sha256, load_model, read_metadata
+from patchcert.checkpoint import file_sha256, read_metadata
+from patchcert.models import load_model
 from patchcert.cli import main
 from patchcert.models.convert import (
     IMAGENETTE_IMAGENET_INDICES,

@@ -172,34 +172,21 @@ def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, inp
                ckpt_cfg: dict[str, Any] | None = None):
     """The dataset: loader options from the model (input size, classes), then the checkpoint's
     training ``dataset_cfg`` (same dataset only), then ``--dataset-cfg``."""
-    from ..data import load_dataset
+    from ..data import dataset_options, load_dataset
 
     user = _json_object(args.dataset_cfg, "--dataset-cfg")
     ckpt_cfg = ckpt_cfg or {}
     count = None if args.num_examples is None or args.num_examples < 1 else args.start + args.num_examples
-    kw: dict[str, Any] = {}
-    if name == "synthetic":
-        kw = {"n": count or 64, "num_classes": num_classes or 10,
-              "size": int(input_size[0]) if input_size else 32, "seed": args.seed}
-        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("seed", "pattern")})
-        if num_classes is None and "num_classes" in ckpt_cfg:
-            kw["num_classes"] = ckpt_cfg["num_classes"]
-    elif name in ("imagenette", "imagenet") or name.startswith("imagefolder:"):
-        if name.startswith("imagefolder:") and args.split == "train":
-            log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
-        if input_size and input_size[0] == input_size[1]:
-            kw["size"] = int(input_size[0])
-            kw["resize"] = max(kw["size"], round(kw["size"] * 256 / 224))
-        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("size", "resize")})
-        if count is not None:
-            kw["limit"] = count
+    if name.startswith("imagefolder:") and args.split == "train":
+        log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
+    kw = dataset_options(name, count=count, num_classes=num_classes, image_size=input_size, seed=args.seed,
+                         recorded=ckpt_cfg)
     kw.update(user)
     return load_dataset(name, args.data_dir, train=args.split == "train", **kw)
 
 
 def _load_model_and_data(args: argparse.Namespace, device: Any):
-    from ..checkpoint import load_model
-    from ..models import create_model
+    from ..models import create_model, load_model
     from ..pretrained import load_pretrained
 
     kind = _classify_model(args.model)

@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from ..errors import PatchcertError
+from ..windows import placements
 
 __all__ = [
     "Defense",
@@ -94,9 +95,7 @@ def create_defense(name: str, **kwargs: Any) -> "Defense":
 
     Unknown names, unknown options and bad option values raise :class:`PatchcertError`.
     """
-    if not isinstance(name, str) or name not in _DEFENSES:
-        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
-    cls = _DEFENSES[name]
+    cls = _defense_class(name)
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(kwargs) - set(allowed))
@@ -111,16 +110,19 @@ def create_defense(name: str, **kwargs: Any) -> "Defense":
 
 
 def defense_from_config(config: dict[str, Any]) -> "Defense":
-    """Inverse of :attr:`Defense.config`: ``defense_from_config(d.config)`` rebuilds ``d``."""
+    """Inverse of :attr:`Defense.config`: ``defense_from_config(d.config)`` rebuilds ``d`` (each
+    defense class reads its own options: :meth:`Defense.from_config`)."""
     if not isinstance(config, dict) or "name" not in config:
         raise PatchcertError(f"a defense config must be a dict with a 'name', got {config!r}")
     cfg = dict(config)
     name = cfg.pop("name")
-    if isinstance(cfg.get("window"), list):
-        cfg["window"] = tuple(cfg["window"])
-    if isinstance(cfg.get("clip"), list):
-        cfg["clip"] = tuple(cfg["clip"])
-    return create_defense(name, **cfg)
+    return _defense_class(name).from_config(cfg)
+
+
+def _defense_class(name: Any) -> type["Defense"]:
+    if not isinstance(name, str) or name not in _DEFENSES:
+        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
+    return _DEFENSES[name]
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -444,6 +446,13 @@ class Defense:
         """JSON-serialisable parameters, including ``name``; ``defense_from_config`` inverts it."""
         return {"name": self.name, **self._params()}
 
+    @classmethod
+    def from_config(cls, params: dict[str, Any]) -> "Defense":
+        """Rebuild from :attr:`config` without its ``name`` (as read back from JSON). A defense
+        whose options are not plain JSON values (e.g. tuples, which JSON turns into lists)
+        converts them here. Default: :func:`create_defense` with the options as they are."""
+        return create_defense(cls.name, **params)
+
     @property
     def key(self) -> str:
         """Short stable label, e.g. ``voting(sign,3.2)``."""
@@ -521,10 +530,7 @@ class Defense:
 
     # -- machinery -----------------------------------------------------------------------
     def _placement_shape(self, size: tuple[int, int], window: Window) -> tuple[int, int]:
-        out = []
-        for n, w in zip(size, window):
-            out.append(0 if w > n else (n if self.wrap else n - w + 1))
-        return (out[0], out[1])
+        return placements(size, window, self.wrap)
 
     def _chunk(self, shape: Sequence[int], windows: list[Window]) -> int:
         per = max(1, int(self._elements_per_image(shape, windows)))

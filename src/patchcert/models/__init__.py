@@ -1,6 +1,6 @@
 """Region scorers (small-receptive-field models) and their registry."""
 
-from .registry import count_parameters, create_model, list_models, model_entrypoint, register_model
+from .registry import count_parameters, create_model, list_models, load_model, model_entrypoint, register_model
 from .base import ScoreMapModel, trace_geometry
 from . import bagcert  # noqa: F401  (registers bagcert_cifar, bagcert_imagenet)
 from . import bagnet  # noqa: F401  (registers bagnet9, bagnet17, bagnet33)
@@ -13,6 +13,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "list_models",
+    "load_model",
     "model_entrypoint",
     "register_model",
     "ScoreMapModel",
