@@ -7,7 +7,8 @@ A certified example the attack breaks is a *soundness failure* (``AttackRun.fail
 
 Run directory (``out_dir``; held by this process for the whole run, see
 :mod:`patchcert.rundir`): ``config.json`` (checked on ``resume``), ``records.jsonl`` (one line
-per example, appended per batch), ``summary.json`` (at the end); ``patchcert attack --save-png`` adds ``png/``.
+per example, appended per batch), ``summary.json`` (at the end); ``patchcert attack
+--save-png`` adds ``png/``.
 One record::
 
     {"index": 7, "label": 3, "clean_pred": 3,
@@ -330,8 +331,8 @@ def attack_dataset(
     ``config``: the attack (default BagCert A.2; ``strong=True``: :meth:`PatchAttackConfig.strong`).
     ``out_dir``: the run directory (held for the whole call; ``resume`` continues it; the
     configuration must match). ``save_png``: hand the first N examples, under every defense x
-patch, to ``on_example`` as an :class:`AttackExample` (``patchcert attack --save-png`` draws
-them; the attack itself draws nothing). ``num_workers``:
+    patch, to ``on_example`` as an :class:`AttackExample` (``patchcert attack --save-png`` draws
+    them; the attack itself draws nothing). ``num_workers``:
     data loader processes (:func:`patchcert.loader.load_batches`). Returns an
     :class:`AttackRun`; ``run.failures`` lists soundness failures (certified yet broken).
     """

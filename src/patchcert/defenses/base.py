@@ -46,6 +46,7 @@ __all__ = [
     "list_defenses",
     "create_defense",
     "defense_from_config",
+    "defense_class",
     "check_scores",
     "check_labels",
     "check_windows",
@@ -85,6 +86,13 @@ def register_defense(name: str) -> Callable[[type["Defense"]], type["Defense"]]:
     return deco
 
 
+def defense_class(name: str) -> type["Defense"]:
+    """The class registered under ``name`` (one-line PatchcertError if none)."""
+    if not isinstance(name, str) or name not in _DEFENSES:
+        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
+    return _DEFENSES[name]
+
+
 def list_defenses() -> list[str]:
     """Names accepted by :func:`create_defense`."""
     return sorted(_DEFENSES)
@@ -95,7 +103,7 @@ def create_defense(name: str, **kwargs: Any) -> "Defense":
 
     Unknown names, unknown options and bad option values raise :class:`PatchcertError`.
     """
-    cls = _defense_class(name)
+    cls = defense_class(name)
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(kwargs) - set(allowed))
@@ -110,19 +118,12 @@ def create_defense(name: str, **kwargs: Any) -> "Defense":
 
 
 def defense_from_config(config: dict[str, Any]) -> "Defense":
-    """Inverse of :attr:`Defense.config`: ``defense_from_config(d.config)`` rebuilds ``d`` (each
-    defense class reads its own options: :meth:`Defense.from_config`)."""
+    """Inverse of :attr:`Defense.config`: ``defense_from_config(d.config)`` rebuilds ``d``."""
     if not isinstance(config, dict) or "name" not in config:
         raise PatchcertError(f"a defense config must be a dict with a 'name', got {config!r}")
     cfg = dict(config)
     name = cfg.pop("name")
-    return _defense_class(name).from_config(cfg)
-
-
-def _defense_class(name: Any) -> type["Defense"]:
-    if not isinstance(name, str) or name not in _DEFENSES:
-        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
-    return _DEFENSES[name]
+    return create_defense(name, **defense_class(name).options_from_json(cfg))
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -342,6 +343,11 @@ class Defense:
     #: per-cell relaxed evidence lies in [0, 1] (BagCert's margin cap M = 1 applies to the attack)
     relaxation_bounded: ClassVar[bool] = False
 
+    @classmethod
+    def options_from_json(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options from their JSON form (JSON has lists, options have pairs)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
     # -- self-description: what certify, attack, report and training need to know ------------
     @classmethod
     def example_configs(cls) -> list[dict[str, Any]]:
@@ -445,13 +451,6 @@ class Defense:
     def config(self) -> dict[str, Any]:
         """JSON-serialisable parameters, including ``name``; ``defense_from_config`` inverts it."""
         return {"name": self.name, **self._params()}
-
-    @classmethod
-    def from_config(cls, params: dict[str, Any]) -> "Defense":
-        """Rebuild from :attr:`config` without its ``name`` (as read back from JSON). A defense
-        whose options are not plain JSON values (e.g. tuples, which JSON turns into lists)
-        converts them here. Default: :func:`create_defense` with the options as they are."""
-        return create_defense(cls.name, **params)
 
     @property
     def key(self) -> str:

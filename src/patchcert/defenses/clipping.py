@@ -123,12 +123,6 @@ class Clipping(Defense):
         return to_grid_(u, self.grid)
 
     # -- hooks ---------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, params: dict[str, Any]) -> "Defense":
-        if isinstance(params.get("clip"), list):
-            params = {**params, "clip": tuple(params["clip"])}
-        return super().from_config(params)
-
     def _params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"clip": self.clip if isinstance(self.clip, str) else list(self.clip), "wrap": self.wrap}
         if self.clip == "tanh":

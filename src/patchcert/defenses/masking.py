@@ -337,12 +337,6 @@ class Masking(Defense):
         return torch.where(detect, g - m, g)
 
     # -- hooks ---------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, params: dict[str, Any]) -> "Defense":
-        if isinstance(params.get("window"), list):
-            params = {**params, "window": tuple(params["window"])}
-        return super().from_config(params)
-
     def _params(self) -> dict[str, Any]:
         return {
             "window": list(self.window),

@@ -240,17 +240,16 @@ class Objective:
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The defense a model trained with this objective is evaluated (and deployed) with, as
+        ``{"name": ..., **options}`` (``cfg``: the objective's options; ``windows``: the
+        evaluation threat's feature windows). Default: voting on the local argmax."""
+        return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
+
     def describe(self) -> dict[str, Any]:
         """Resolved settings, for logs and checkpoint metadata."""
         return {"name": self.name}
-
-    @classmethod
-    def eval_defense(cls, cfg: dict[str, Any], windows: Sequence[tuple[int, int]] | None) -> dict[str, Any]:
-        """The defense a model trained with this objective is evaluated (and deployed) with, as a
-        spec ``{"name": ..., **options}`` for ``certify``'s defense builder. ``cfg``: the
-        objective's options (``TrainConfig.objective_cfg``); ``windows``: the evaluation threat's
-        feature windows. Default: voting on the local argmax, Condition 3.2."""
-        return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -296,6 +295,11 @@ class BagCertObjective(Objective):
 
     name = "bagcert"
 
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Sign voting, BagCert's Condition 3.2."""
+        return {"name": "voting", "binarize": "sign", "condition": "3.2"}
+
     def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0,
                  classes: str = "runner_up", dense_bce: float = 0.0, dense_until: float | None = None) -> None:
         super().__init__(model, image_size)
@@ -325,11 +329,6 @@ class BagCertObjective(Objective):
             d.update(classes=self.classes, dense_bce=self.dense_bce, dense_until=self.dense_until)
         return d
 
-    @classmethod
-    def eval_defense(cls, cfg: dict[str, Any], windows: Sequence[tuple[int, int]] | None) -> dict[str, Any]:
-        """BagCert's rule: sign voting, Condition 3.2."""
-        return {"name": "voting", "binarize": "sign", "condition": "3.2"}
-
 
 @register_objective
 class CrossEntropyObjective(Objective):
@@ -351,6 +350,15 @@ class PatchGuardObjective(Objective):
     """
 
     name = "patchguard"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Robust masking of clipped logits (T = 0) with a mask window covering every window."""
+        if not windows:
+            raise PatchcertError("the masking defense needs the evaluation patch window")
+        win = [max(w[0] for w in windows), max(w[1] for w in windows)]
+        return {"name": "masking", "window": win, "threshold": 0.0, "clip_max": cfg.get("clip_max"),
+                "features": "logits"}
 
     def __init__(
         self,
@@ -395,16 +403,6 @@ class PatchGuardObjective(Objective):
         return {"name": self.name, "patch": self.patch, "windows": [list(w) for w in self.windows],
                 "clip_max": self.clip_max, "zero": self.zero, "aggregate": self.aggregate, "wrap": self.wrap}
 
-    @classmethod
-    def eval_defense(cls, cfg: dict[str, Any], windows: Sequence[tuple[int, int]] | None) -> dict[str, Any]:
-        """Robust masking of clipped logits (T = 0) with a mask window covering every window of
-        the evaluation threat."""
-        if not windows:
-            raise PatchcertError("the masking defense needs the evaluation patch window")
-        win = [max(w[0] for w in windows), max(w[1] for w in windows)]
-        return {"name": "masking", "window": win, "threshold": 0.0, "clip_max": cfg.get("clip_max"),
-                "features": "logits"}
-
 
 @register_objective
 class DSObjective(Objective):
@@ -418,6 +416,11 @@ class DSObjective(Objective):
     """
 
     name = "ds"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Voting with softmax threshold 0.3 on wrap-around bands."""
+        return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], mode: str | None = None, b: int | None = None) -> None:
@@ -444,11 +447,6 @@ class DSObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "mode": self.mode, "b": self.b}
-
-    @classmethod
-    def eval_defense(cls, cfg: dict[str, Any], windows: Sequence[tuple[int, int]] | None) -> dict[str, Any]:
-        """DS's rule: voting with softmax threshold 0.3 on wrap-around bands."""
-        return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
 
 
 @register_objective
