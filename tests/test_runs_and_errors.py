@@ -149,7 +149,7 @@ def test_read_only_place_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_full_disk_is_one_line_and_resume_completes_the_run(tmp_path, monkeypatch, capsys):
-    import patchcert.results.records as results  # where append_records looks up append_jsonl
+    import patchcert.results as results
 
     out = tmp_path / "run"
     real = results.append_jsonl

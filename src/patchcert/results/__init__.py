@@ -43,7 +43,7 @@ The package's modules: :mod:`.files` (file names), :mod:`.records` (per-example 
 
 from __future__ import annotations
 
-from ..rundir import read_json, write_json
+from ..rundir import append_jsonl, read_json, write_json  # noqa: F401  (append_jsonl: the records' writer)
 from .files import (
     CONFIG_FILE,
     FORMAT_VERSION,

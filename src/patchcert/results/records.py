@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..checkpoint import atomic_write_text
 from ..errors import PatchcertError
-from ..rundir import append_jsonl, iter_jsonl, read_jsonl
+from ..rundir import iter_jsonl, read_jsonl
 from .files import RECORDS_FILE, _dumps, _finite_or_none
 
 
@@ -158,7 +158,9 @@ def records_to_jsonl(records: Iterable[ExampleRecord]) -> str:
 
 def append_records(path: str | os.PathLike, records: Sequence[ExampleRecord]) -> None:
     """Append records to a JSONL file durably (one write, flush, fsync)."""
-    append_jsonl(path, [r.to_line() for r in records])
+    from .. import results  # the writer is looked up on the package: patchcert.results.append_jsonl
+
+    results.append_jsonl(path, [r.to_line() for r in records])
 
 
 def _record(path: str | os.PathLike, i: int, d: dict[str, Any]) -> ExampleRecord:
