@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     models = [model_info(n) for n in list_models()]
     pre = pretrained_info()
     if args.json:
-        print(json.dumps({"models": models, "pretrained": pre}, indent=2, sort_keys=True, default=str))
+        from ._output import print_json
+
+        print_json("models", models, pretrained=pre)
         return 0
     from rich.console import Console
     from rich.table import Table

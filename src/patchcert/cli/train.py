@@ -131,5 +131,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if rank == 0:
-        print(json.dumps({"out_dir": cfg.out_dir, **metrics}))
+        from ._output import print_json
+
+        print_json("train", [{"out_dir": cfg.out_dir, **metrics}], out_dir=cfg.out_dir)
     return 0
