@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import ImageSource, as_image_dataset
-from .errors import DataError
+from .errors import DataError, PatchcertError
 from .models.classifier import Classifier, as_model, check_defenses_fit
 from .selection import select_examples, warn_single_class
 
@@ -53,6 +53,9 @@ def prepare_inputs(model: Any, data: Any, defenses: Sequence[Any], *, indices: A
     """``(model, data)`` ready for the run (see the module docstring). With no model or no
     data (a score file) both are returned as they are."""
     if model is None or data is None:
+        if indices is not None or subset is not None:
+            raise PatchcertError("indices/subset select examples of a dataset; a score file is certified in its "
+                                 "own order (use start/num_examples)")
         return model, data
     if isinstance(data, (tuple, list)) and len(data) == 2:
         check_images(data[0])
