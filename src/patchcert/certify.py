@@ -40,6 +40,7 @@ from .defenses import Defense, create_defense
 from .errors import PatchcertError
 from .geometry import Geometry, PatchSpec, parse_patch
 from .runtime import precise_math
+from .selection import dataset_indices
 from .results import (
     CONFIG_FILE,
     PROGRESS_FILE,
@@ -891,7 +892,7 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         return [], {}
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    expect = list(range(first, first + len(done)))
+    expect = dataset_indices(job.data, torch.arange(first, first + len(done))).tolist()
     if job.scores is not None:
         expect = job.scores.indices[first:first + len(done)].tolist()
     if [r.index for r in done] != expect:
@@ -922,6 +923,7 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
     x = None
     if images is not None:
         xb, y, idx = next(images)
+        idx = dataset_indices(job.data, idx)  # a selection's positions -> dataset indices
         x = to_float(xb.to(job.device, non_blocking=job.device.type == "cuda"))
         timer.sync()
         t0 = time.perf_counter()
@@ -1088,6 +1090,8 @@ def certify_dataset(
     num_workers: int | None = None,
     lock: bool = True,
     keep_records: bool = True,
+    indices: str | Sequence[int] | None = None,
+    subset: str | None = None,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -1115,7 +1119,16 @@ def certify_dataset(
     ``keep_records=False``: the returned run holds no records (``records == []``; they are in
     ``out_dir/records.jsonl``) and the summary is counted as the run goes, so memory does not grow
     with the number of examples either (the ``patchcert certify`` command runs this way).
+    ``model`` may also be any ``nn.Module`` mapping float images in [0, 1] to logits ``[N, K]``
+    (wrapped by :func:`patchcert.wrap_classifier`; pixel defenses only), and ``indices``
+    (``[3, 17]`` or ``"3,17,40-49"``) or ``subset="random:N"`` (drawn with ``seed``, default 0)
+    select the examples (:mod:`patchcert.selection`); ``start``/``num_examples`` then count
+    positions in the selection, and the records keep the dataset indices.
     """
+    from .inputs import prepare_inputs
+
+    model, data = prepare_inputs(model, data, defenses, indices=indices, subset=subset, seed=seed, start=start,
+                                 num_examples=num_examples)
     job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
                     out_dir, save_scores, square_cap, square_method, seed, command)
     job.num_workers = num_workers

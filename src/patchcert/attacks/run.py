@@ -36,6 +36,7 @@ import torch
 from .. import rundir
 from ..loader import load_batches
 from ..errors import PatchcertError
+from ..selection import dataset_indices
 from .patch import PatchAttackConfig, attack_and_check
 from .selection import affected_mask
 
@@ -291,7 +292,8 @@ def _resume(job: _AttackJob, out: Path, resume: bool) -> list[dict]:
     done: list[dict] = []
     if rundir.check_resume(out, job.config, resume, CONFIG, markers=(CONFIG, RECORDS)):
         done = rundir.read_jsonl(out / RECORDS, tail="repair")
-        if [r.get("index") for r in done] != list(range(job.start, job.start + len(done))):
+        expect = dataset_indices(job.data, torch.arange(job.start, job.start + len(done))).tolist()
+        if [r.get("index") for r in done] != expect:
             raise PatchcertError(f"cannot resume {out}: records.jsonl does not hold the first examples in order")
         if len(done) > job.n:
             raise PatchcertError(f"cannot resume {out}: it holds more records than the run selects")
@@ -322,6 +324,8 @@ def attack_dataset(
     progress: Callable[[int, int], None] | None = None,
     num_workers: int | None = None,
     on_example: Callable[[AttackExample], None] | None = None,
+    indices: str | Sequence[int] | None = None,
+    subset: str | None = None,
 ) -> AttackRun:
     """Attack examples ``start .. start+num_examples-1`` of ``data`` under every defense x patch.
 
@@ -335,9 +339,15 @@ def attack_dataset(
     them; the attack itself draws nothing). ``num_workers``:
     data loader processes (:func:`patchcert.loader.load_batches`). Returns an
     :class:`AttackRun`; ``run.failures`` lists soundness failures (certified yet broken).
+    ``model`` may be any ``nn.Module`` (images in [0, 1] -> logits ``[N, K]``; pixel defenses
+    only); ``indices`` / ``subset="random:N"`` select the examples as in ``certify_dataset``.
     """
     if save_png and on_example is None:
         raise PatchcertError("save_png needs on_example (e.g. one that calls patchcert.report.plot_attack_example)")
+    from ..inputs import prepare_inputs
+
+    model, data = prepare_inputs(model, data, defenses, indices=indices, subset=subset, seed=seed, start=start,
+                                 num_examples=num_examples)
     job = _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
                 save_png, seed)
     job.model.to(job.device)
@@ -356,6 +366,7 @@ def attack_dataset(
             images = load_batches(job.data, batches, num_workers, pin_memory=job.device.type == "cuda")
             try:
                 for xb, yb, idx in images:
+                    idx = dataset_indices(job.data, idx)  # a selection's positions -> dataset indices
                     batch = _attack_batch(job, xb, yb, idx, seconds, on_example)
                     if out is not None:
                         rundir.append_jsonl(out / RECORDS, [json.dumps(r, separators=(",", ":"), allow_nan=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import re
 import shlex
@@ -146,6 +145,7 @@ def _safe(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..attacks.run import attack_dataset
     from ..runtime import harden, resolve_device
+    from ._model_args import selection_kwargs
     from .certify import _load_model_and_data
 
     if args.num_examples is not None and args.num_examples < 1:
@@ -192,19 +192,17 @@ def run(args: argparse.Namespace) -> int:
             num_examples=args.num_examples, start=args.start, out_dir=out, resume=args.resume,
             save_png=args.save_png, seed=args.seed,
             command="patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:]), progress=progress,
-            num_workers=args.workers, on_example=draw if args.save_png else None)
+            num_workers=args.workers, on_example=draw if args.save_png else None, **selection_kwargs(args))
     finally:
         if bar is not None:
             bar.close()
     summary = res.summary
     if args.json:
-        short = {"n": summary["n"], "results": [{k: r[k] for k in ("defense", "patch", "clean_accuracy",
-                                                                     "certified_accuracy", "robust_accuracy",
-                                                                     "attack_success_rate", "soundness_failures")}
-                                                for r in summary["results"]],
-                 "soundness_failures": summary["soundness_failures"]}
-        sys.stdout.flush()
-        print(json.dumps(short), flush=True)
+        from ._output import print_json
+
+        rows = [{k: r[k] for k in ("defense", "patch", "clean_accuracy", "certified_accuracy", "robust_accuracy",
+                                   "attack_success_rate", "soundness_failures")} for r in summary["results"]]
+        print_json("attack", rows, n=summary["n"], soundness_failures=summary["soundness_failures"], out_dir=str(out))
     else:
         _print_table(summary)
         print(f"run directory: {out}")

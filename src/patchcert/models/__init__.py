@@ -8,6 +8,7 @@ from . import resnet  # noqa: F401  (registers resnet18_cifar, resnet18, resnet_
 from . import ds  # noqa: F401  (registers ds_column, ds_block)
 from . import fastnet  # noqa: F401  (registers fastnet_cifar)
 from .ds import ablate, random_ablate
+from .classifier import Classifier, wrap_classifier
 
 __all__ = [
     "count_parameters",
@@ -19,5 +20,7 @@ __all__ = [
     "ScoreMapModel",
     "trace_geometry",
     "ablate",
+    "Classifier",
+    "wrap_classifier",
     "random_ablate",
 ]

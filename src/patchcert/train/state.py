@@ -91,7 +91,10 @@ def _saved_state(out: Path, state_path: Path, resolved: dict[str, Any],
     saved = _load_state(state_path)
     diff = _config_diff(saved[1]["config"], resolved)
     if diff:
-        raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}")
+        from .options import EXTEND_HINT
+
+        hint = f"; {EXTEND_HINT}" if diff == ["epochs"] else ""
+        raise PatchcertError(f"cannot resume {out}: config differs from the saved run in {', '.join(diff)}{hint}")
     return saved
 
 
