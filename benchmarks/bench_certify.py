@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import patchcert
     from patchcert.certify import certify_dataset
-    from patchcert.checkpoint import load_model
+    from patchcert.models import load_model
     from patchcert.data import load_dataset, to_float
     from patchcert.pretrained import load_pretrained
     from patchcert.runtime import harden, tune_allocator

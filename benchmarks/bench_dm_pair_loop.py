@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from patchcert import certify_dataset
-    from patchcert.checkpoint import load_model
+    from patchcert.models import load_model
     from patchcert.data import load_dataset, to_float
     from patchcert.defenses.double_masking import union_mask_set
     from patchcert.geometry import parse_patch

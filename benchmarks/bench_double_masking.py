@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pathlib import Path
 
-    from patchcert.checkpoint import load_model
+    from patchcert.models import load_model
     from patchcert.data import load_dataset, to_float
     from patchcert.defenses.double_masking import (
         certify_from_table,

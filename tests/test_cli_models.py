@@ -22,7 +22,7 @@ def _json(capsys, *extra: str) -> dict:
 def test_json_lists_every_model_with_its_geometry(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATCHCERT_WEIGHTS_DIR", str(tmp_path))  # no shipped weights
     d = _json(capsys)
-    by_name = {m["name"]: m for m in d["models"]}
+    by_name = {m["name"]: m for m in d["results"]}
     assert sorted(by_name) == list_models()
     # other test modules may register throw-away models; the package's own must be documented
     from patchcert.models import model_entrypoint

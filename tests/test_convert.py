@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from patchcert import CheckpointError, PatchcertError, create_model
-from patchcert.checkpoint import file_sha256, load_model, read_metadata
+from patchcert.checkpoint import file_sha256, read_metadata
+from patchcert.models import load_model
 from patchcert.cli import main
 from patchcert.models.convert import (
     IMAGENETTE_IMAGENET_INDICES,
@@ -234,7 +235,9 @@ def test_cli_convert(tmp_path, source_model, capsys):
     out = tmp_path / "b.safetensors"
     rc = main(["convert", str(src), "--arch", "bagnet17", "--out", str(out), "--model-cfg", '{"width": 2}', "--json"])
     assert rc == 0
-    d = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)
+    d = doc["results"][0]
+    assert doc["verb"] == "convert" and doc["out"] == str(out)
     assert d["arch"] == "bagnet17" and d["num_classes"] == 12 and d["source"]["sha256"] == file_sha256(src)
     rc = main(["convert", str(src), "--arch", "bagnet17", "--out", str(out), "--model-cfg", '{"width": 2}'])
     assert rc == 2 and "already exists" in capsys.readouterr().err

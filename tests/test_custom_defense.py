@@ -129,6 +129,6 @@ def test_certify_attack_and_report_with_a_defense_defined_in_a_test_file(tmp_pat
     rc = main(["report", str(cert), "--attack", str(att), "--out", str(rep), "--examples", "0", "--json"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rows = {(r["defense"], r["patch"]): r for r in doc["rows"]}
+    rows = {(r["defense"], r["patch"]): r for r in doc["results"]}
     assert rows[(key, "2x2")]["attack"] is not None and rows[(key, "2x2")]["soundness_failures"] == 0
     assert any("vulnerability" in f for f in doc["files"])

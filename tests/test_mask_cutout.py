@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchcert.checkpoint import load_model
+from patchcert.models import load_model
 from patchcert.errors import PatchcertError
 from patchcert.masks import mask_set
 from patchcert.models import create_model

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import patchcert
 from patchcert import PatchcertError, create_model, feature_window, list_models
-from patchcert.checkpoint import load_model, save_checkpoint
+from patchcert.checkpoint import save_checkpoint
+from patchcert.models import load_model
 from patchcert.models.convert import skeleton_model
 from patchcert.models.ds import ablate, band_positions, keep_masks, random_ablate
 

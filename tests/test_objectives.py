@@ -14,7 +14,9 @@ from hypothesis.extra.numpy import arrays
 import patchcert
 from patchcert.errors import PatchcertError
 from patchcert.train.objectives import (
+    OBJECTIVES,
     BagCertObjective,
+    CrossEntropyObjective,
     PatchGuardObjective,
     bagcert_loss,
     create_objective,
@@ -22,6 +24,7 @@ from patchcert.train.objectives import (
     heaviside_ste,
     one_hot_penalty,
     patchguard_loss,
+    register_objective,
     strongest_window_mask,
 )
 
@@ -352,3 +355,42 @@ def test_ds_objective_trains_the_base_on_one_random_ablation_per_image():
     assert float(loss) == pytest.approx(float(ref), rel=1e-6)
     with pytest.raises(PatchcertError, match="needs a De-randomized smoothing model"):
         create_objective("ds", patchcert.create_model("bagcert_cifar", num_classes=4, rf=5, width=4), (32, 32))
+
+
+# -- each objective declares the defense it is evaluated with -----------------------------------
+
+def test_builtin_objectives_declare_their_evaluation_defense():
+    from patchcert.train import default_eval_defense
+
+    assert default_eval_defense("bagcert") == {"name": "voting", "binarize": "sign", "condition": "3.2"}
+    assert default_eval_defense("ce") == {"name": "voting", "binarize": "argmax", "condition": "3.2"}
+    assert default_eval_defense("ds") == {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
+    # PatchGuard: masking with one window covering every window of the threat, its clip_max
+    assert default_eval_defense("patchguard", {"clip_max": 2.0}, [(3, 5), (4, 2)]) == {
+        "name": "masking", "window": [4, 5], "threshold": 0.0, "clip_max": 2.0, "features": "logits"}
+    with pytest.raises(PatchcertError, match="needs the evaluation patch window"):
+        default_eval_defense("patchguard", {}, [])
+    # what each class declares is what the name lookup gives (no switch on names elsewhere)
+    for name, cls in OBJECTIVES.items():
+        assert default_eval_defense(name, {}, [(3, 3)]) == cls.eval_defense({}, [(3, 3)])
+
+
+def test_a_registered_objective_chooses_the_defense_training_evaluates_with(tmp_path):
+    from patchcert.checkpoint import load_tensors
+    from patchcert.train import TrainConfig, train
+
+    if "ce_votes33" not in OBJECTIVES:
+        @register_objective
+        class CEVotes33(CrossEntropyObjective):
+            name = "ce_votes33"
+
+            @classmethod
+            def eval_defense(cls, cfg, windows):
+                return {"name": "voting", "binarize": "argmax", "condition": "3.3"}
+
+    cfg = TrainConfig(model="bagcert_cifar", model_cfg={"rf": 5, "width": 4}, dataset="synthetic", epochs=1,
+                      batch_size=16, eval_examples=8, max_train_examples=32, num_threads=1, objective="ce_votes33",
+                      objective_cfg={}, out_dir=str(tmp_path / "run"))
+    train(cfg)
+    _, meta = load_tensors(tmp_path / "run" / "state.safetensors")
+    assert meta["eval_defense"] == {"name": "voting", "binarize": "argmax", "condition": "3.3"}

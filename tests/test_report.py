@@ -238,7 +238,7 @@ def test_cli_json_and_bad_examples(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0
     doc = json.loads(out[-1])
-    assert {(r["defense"], r["patch"]): (r["clean_accuracy"], r["certified_accuracy"]) for r in doc["rows"]} == EXPECT
+    assert {(r["defense"], r["patch"]): (r["clean_accuracy"], r["certified_accuracy"]) for r in doc["results"]} == EXPECT
     assert not list((tmp_path / "rep").glob("*.png"))
     rc = main(["report", str(run), "--out", str(tmp_path / "rep"), "--examples", "1,x"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -293,7 +293,7 @@ def test_certify_attack_report_end_to_end(tmp_path, capsys):
                "--examples", "0,5", "--json"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rows = {(r["defense"], r["patch"]): r for r in doc["rows"]}
+    rows = {(r["defense"], r["patch"]): r for r in doc["results"]}
     c = next(r for r in cert["results"] if r["patch"] == "3x3")
     a = att["results"][0]
     row = rows[(c["defense"], "3x3")]

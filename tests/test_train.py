@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import patchcert
-from patchcert.checkpoint import load_model, load_tensors, save_tensors
+from patchcert.checkpoint import load_tensors, save_tensors
+from patchcert.models import load_model
 from patchcert.errors import CheckpointError, PatchcertError
 from patchcert.train import TrainConfig, lr_at, train
 from patchcert.train.loop import _comparable, convert_sync_batchnorm

@@ -73,12 +73,13 @@ def test_train_resume_and_refuse_overwrite(tmp_path, capsys):
     cfg.write_text('objective = "bagcert"\nepochs = 2\nwarmup_epochs = 0.5\n[objective_cfg]\nmargin = 0.25\nsigma = 0.0\n')
     assert main(["train", "--config", str(cfg), *TINY, "--out", str(out), "--stop-after", "1"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["epoch"] == 1 and res["out_dir"] == str(out)
+    assert res["verb"] == "train" and res["out_dir"] == str(out)
+    assert res["results"][0]["epoch"] == 1 and res["results"][0]["out_dir"] == str(out)
     _fails(["train", "--config", str(cfg), *TINY, "--out", str(out)], capsys, "already holds a run", "--resume")
     _fails(["train", "--config", str(cfg), *TINY, "--out", str(out), "--resume", "--lr", "0.01"], capsys,
            "cannot resume", "lr")
     assert main(["train", "--config", str(cfg), *TINY, "--out", str(out), "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epoch"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]["epoch"] == 2
     meta = load_tensors(Path(out) / "state.safetensors")[1]
     assert meta["config"]["objective_cfg"] == {"margin": 0.25, "sigma": 0.0} and meta["epoch"] == 2
 

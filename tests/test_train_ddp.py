@@ -55,7 +55,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     # rank 0 alone prints and writes: one JSON line per launch, one run directory, no stray files
     for p, epoch in ((p1, 1), (p2, 2)):
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        assert len(lines) == 1 and json.loads(lines[0])["epoch"] == epoch
+        assert len(lines) == 1 and json.loads(lines[0])["results"][0]["epoch"] == epoch
     assert sorted(f.name for f in run.iterdir()) == [".lock", "config.json", "log.csv", "model.json", "model.safetensors",
                                                       "state.safetensors"]
     assert list(tmp_path.iterdir()) == [run]

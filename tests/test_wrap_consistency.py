@@ -152,7 +152,7 @@ def test_attack_certify_and_report_agree_on_wrapping_geometries(mode, tmp_path, 
     # the report joins the two runs row by row and shows the same certified accuracy
     assert main(["report", str(cert), "--attack", str(att), "--out", str(rep), "--no-plots", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rows = doc["rows"]
+    rows = doc["results"]
     assert len(rows) == len(keys) * 2  # every attack result joined a certify row: no rows of its own
     summary = json.loads((att / "summary.json").read_text())
     acc = {(r["defense"], r["patch"]): r["certified_accuracy"] for r in summary["results"]}

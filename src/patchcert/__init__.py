@@ -12,6 +12,7 @@ from .errors import CheckpointError, DataError, PatchcertError
 from .geometry import Geometry, PatchSpec, feature_window, parse_patch, patch_windows
 from .defenses import create_defense, list_defenses, register_defense
 from .models import create_model, list_models, register_model
+from .models.classifier import wrap_classifier
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "wrap_classifier",
     "create_defense",
     "list_defenses",
     "register_defense",

@@ -41,6 +41,7 @@ from .defenses import Defense, create_defense
 from .errors import PatchcertError
 from .geometry import Geometry, PatchSpec, parse_patch
 from .runtime import precise_math
+from .selection import dataset_indices
 from .results import (
     CONFIG_FILE,
     PROGRESS_FILE,
@@ -902,9 +903,10 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         return [], {}
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    job.skipped = _resume_skipped(run_dir, first, [r.index for r in done])
+    job.skipped = _resume_skipped(job, run_dir, first, [r.index for r in done])
     skipped = {int(s["index"]) for s in job.skipped}
-    expect = [i for i in range(first, first + len(done) + len(skipped)) if i not in skipped]
+    window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(skipped), job.total)))
+    expect = [i for i in window.tolist() if i not in skipped]
     if job.scores is not None:
         expect = job.scores.indices[first:first + len(done)].tolist()
     if [r.index for r in done] != expect:
@@ -920,21 +922,24 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
     return done, timing
 
 
-def _resume_skipped(run_dir: Path, first: int, done: list[int]) -> list[dict[str, Any]]:
+def _resume_skipped(job: _Job, run_dir: Path, first: int, done: list[int]) -> list[dict[str, Any]]:
     """The unreadable images an interrupted run skipped (``skipped.jsonl``), as far as its records
     reach: a batch's skipped images are written before its records, so entries past the last
-    recorded batch are dropped (that batch is read again)."""
+    recorded batch are dropped (that batch is read again). Entries and ``done`` hold dataset
+    indices; the run covers positions ``first, first + 1, ...`` (of a selection, if any)."""
     p = run_dir / SKIPPED_FILE
     if not p.exists():
         return []
     entries = rundir.read_jsonl(p, tail="repair")
     if not all(isinstance(e.get("index"), int) and isinstance(e.get("reason"), str) for e in entries):
         raise PatchcertError(f"cannot resume {run_dir}: {SKIPPED_FILE} is corrupt")
-    have = set(done) | {int(e.get("index", -1)) for e in entries}
-    end = first
-    while end in have:
+    have = set(done) | {int(e["index"]) for e in entries}
+    window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(entries), job.total))).tolist()
+    end = 0
+    while end < len(window) and window[end] in have:
         end += 1
-    keep = [e for e in entries if first <= int(e["index"]) < end]
+    reach = set(window[:end])
+    keep = [e for e in entries if int(e["index"]) in reach]
     if len(keep) != len(entries):
         atomic_write_bytes(p, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in keep).encode())
     return keep
@@ -972,6 +977,7 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
         xb, y, idx = next(images)
         if len(idx) == 0:  # every image of the batch was unreadable (and skipped)
             return None, y, idx, None  # type: ignore[return-value]
+        idx = dataset_indices(job.data, idx)  # a selection's positions -> dataset indices
         x = to_float(xb.to(job.device, non_blocking=job.device.type == "cuda"))
         timer.sync()
         t0 = time.perf_counter()
@@ -1049,13 +1055,7 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
                                                   job.patch_plans, job.squares, timer, job.square_method,
                                                   tables=_pixel_tables(job, x, timer))
                 timer.add("images", float(len(pos)))
-                if job.scores is None:  # dataset indices are positions: keep what is not recorded yet
-                    nxt = job.start + job.lo + ndone
-                    new = [r for r in batch_records if r.index >= nxt]
-                    new_bad = [e for e in bad if e["index"] >= nxt]
-                else:
-                    new, new_bad = (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone
-                                    else batch_records), []
+                new, new_bad = _not_recorded(job, pos, batch_records, bad, ndone, lo)
                 if run_dir is not None:
                     if new_bad:  # before the records: a resume trims what its records do not reach
                         rundir.append_jsonl(run_dir / SKIPPED_FILE, [json.dumps(e, separators=(",", ":"))
@@ -1078,6 +1078,22 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
         if model is not None and was_training:
             model.train(True)
     return records
+
+
+def _not_recorded(job: _Job, pos: torch.Tensor, batch_records: list[ExampleRecord], bad: list[dict[str, Any]],
+                  ndone: int, lo: int) -> tuple[list[ExampleRecord], list[dict[str, Any]]]:
+    """The records and skipped images (``{index, reason}``, dataset indices) of the batch at
+    positions ``pos`` that the run does not hold yet (a resumed run reads its last batch again).
+    ``bad`` holds the batch's unreadable images by position; the records are the rest, in order."""
+    if job.scores is not None:
+        return (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records), []
+    nxt = job.start + job.lo + ndone  # the first position not recorded yet
+    bad_pos = {int(e["index"]) for e in bad}
+    rec_pos = [p for p in pos.tolist() if p not in bad_pos]
+    new = [r for r, p in zip(batch_records, rec_pos) if p >= nxt]
+    late = [e for e in bad if int(e["index"]) >= nxt]
+    didx = dataset_indices(job.data, torch.tensor([int(e["index"]) for e in late], dtype=torch.int64)).tolist()
+    return new, [{"index": int(i), "reason": e["reason"]} for i, e in zip(didx, late)]
 
 
 def _per_image(timer: _Timer, key: str, count_key: str = "images") -> float | None:
@@ -1158,6 +1174,8 @@ def certify_dataset(
     lock: bool = True,
     keep_records: bool = True,
     skip_bad_images: bool = False,
+    indices: str | Sequence[int] | None = None,
+    subset: str | None = None,
 ) -> CertifyRun:
     """Certify examples ``start .. start+num_examples-1`` of ``data`` (or of a cached score file).
 
@@ -1187,8 +1205,18 @@ def certify_dataset(
     with the number of examples either (the ``patchcert certify`` command runs this way).
     An image that cannot be decoded stops the run with a one-line DataError naming its file;
     ``skip_bad_images=True`` records it as skipped instead (``out_dir/skipped.jsonl`` and the
-    summary's ``metadata.skipped``, ``{index, reason}``): it has no record and is in no count.
+    summary's ``metadata.skipped``, ``{index, reason}``, the dataset index): it has no record
+    and is in no count.
+    ``model`` may also be any ``nn.Module`` mapping float images in [0, 1] to logits ``[N, K]``
+    (wrapped by :func:`patchcert.wrap_classifier`; pixel defenses only), and ``indices``
+    (``[3, 17]`` or ``"3,17,40-49"``) or ``subset="random:N"`` (drawn with ``seed``, default 0)
+    select the examples (:mod:`patchcert.selection`); ``start``/``num_examples`` then count
+    positions in the selection, and the records keep the dataset indices.
     """
+    from .inputs import prepare_inputs
+
+    model, data = prepare_inputs(model, data, defenses, indices=indices, subset=subset, seed=seed, start=start,
+                                 num_examples=num_examples)
     job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
                     out_dir, save_scores, square_cap, square_method, seed, command)
     job.num_workers = num_workers

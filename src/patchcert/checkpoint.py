@@ -37,7 +37,6 @@ __all__ = [
     "save_checkpoint",
     "portable_metadata",
     "load_checkpoint",
-    "load_model",
     "read_metadata",
     "file_sha256",
     "atomic_write_bytes",
@@ -233,32 +232,3 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
         return _load_legacy(path), {}
     return load_tensors(path)
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a registered model from a patchcert checkpoint, in eval mode."""
-    from .models import create_model
-
-    state, meta = load_checkpoint(path)
-    arch = meta.get("arch")
-    if not arch:
-        raise CheckpointError(f"{path}: checkpoint metadata names no architecture")
-    if not isinstance(arch, str):
-        raise CheckpointError(f"{path}: checkpoint metadata 'arch' must be a model name, got {arch!r:.60}")
-    cfg = meta.get("config") or {}
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: checkpoint config is not an object")
-    try:  # create_model checks num_classes (a positive int) and the options
-        model = create_model(arch, num_classes=meta.get("num_classes", 10), **cfg)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{path}: cannot build {arch!r} from its metadata ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not match {arch!r} ({first[1].strip() if len(first) > 1 else first[0]})") from None
-    model.checkpoint_meta = meta  # type: ignore[attr-defined]
-    model.checkpoint_path = str(path)  # type: ignore[attr-defined]
-    return model.to(device).eval()

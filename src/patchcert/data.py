@@ -26,11 +26,12 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .augment import augment_crop_flip, center_crop, random_crop_flip, train_batch  # noqa: F401  (re-exported)
 from .errors import DataError, not_found
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ __all__ = [
     "to_float",
     "as_image_dataset",
     "iterate_batches",
+    "dataset_options",
+    "recorded_dataset",
     "CIFAR10_CLASSES",
 ]
 
@@ -525,6 +528,75 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bo
     raise DataError(f"unknown dataset {name!r}; use cifar10, imagenette, imagenet, imagefolder:PATH or synthetic")
 
 
+# -- what each dataset kind takes -------------------------------------------------------
+
+FOLDER_OPTIONS = ("size", "resize")  # recorded options an image folder is reloaded with
+SYNTHETIC_OPTIONS = ("seed", "pattern")  # ... and synthetic data
+
+
+def dataset_options(name: str, *, count: int | None = None, num_classes: int | None = None,
+                    image_size: Sequence[int] | None = None, seed: int = 0,
+                    recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The :func:`load_dataset` options for dataset ``name`` that give its first ``count``
+    examples at ``image_size`` -- the one place that knows which options each kind takes.
+
+    * ``synthetic``: ``n = count`` (default 64), ``num_classes`` (default: ``recorded``'s, else
+      10), ``size = image_size[0]`` (default 32), ``seed``; ``recorded`` ``seed`` / ``pattern``
+      override;
+    * image folders (``imagenette``, ``imagenet``, ``imagefolder:PATH``): for a square
+      ``image_size`` s, ``size = s`` and ``resize = max(s, round(s * 256 / 224))`` (BagCert's
+      rescale), then ``recorded`` ``size`` / ``resize``; ``limit = count``;
+    * ``cifar10`` (and anything else): no options.
+
+    ``recorded``: options recorded with the data (a checkpoint's training ``dataset_cfg``, a
+    run's data provenance); only those the kind takes are used.
+    """
+    rec = dict(recorded or {})
+    kw: dict[str, Any] = {}
+    if name == "synthetic":
+        kw = {"n": count or 64, "num_classes": num_classes or 10,
+              "size": int(image_size[0]) if image_size else 32, "seed": seed}
+        kw.update({k: v for k, v in rec.items() if k in SYNTHETIC_OPTIONS})
+        if num_classes is None and "num_classes" in rec:
+            kw["num_classes"] = rec["num_classes"]
+    elif name in ("imagenette", "imagenet") or name.startswith("imagefolder:"):
+        if image_size and image_size[0] == image_size[1]:
+            kw["size"] = int(image_size[0])
+            kw["resize"] = max(kw["size"], round(kw["size"] * 256 / 224))
+        kw.update({k: v for k, v in rec.items() if k in FOLDER_OPTIONS})
+        if count is not None:
+            kw["limit"] = count
+    return kw
+
+
+def recorded_dataset(info: Mapping[str, Any], need: int, num_classes: int | None = None,
+                     image_size: Sequence[int] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``(name, options)`` for :func:`load_dataset` (``train`` included) that reload the data a
+    run recorded (its ``data`` provenance: an ``ImageSource.info`` plus ``name`` and
+    ``num_examples_total``) with at least its first ``need`` examples at the same indices; None
+    for data that cannot be reloaded (e.g. in-memory tensors). ``num_classes`` /
+    ``image_size``: the run's, for synthetic data that recorded none."""
+    kind = str(info.get("dataset") or "")
+    train = str(info.get("split") or "test") == "train"
+    folder = {k: int(info[k]) for k in FOLDER_OPTIONS if info.get(k)}
+    if kind == "cifar10":
+        return "cifar10", {"train": train}
+    if kind == "synthetic":
+        size = int(info.get("size") or (image_size[0] if image_size else 32))
+        rec = {"pattern": str(info["pattern"])} if info.get("pattern") else {}
+        n = int(info.get("n") or info.get("num_examples_total") or need)
+        opts = dataset_options("synthetic", count=n, num_classes=num_classes or 10, image_size=(size, size),
+                               seed=int(info.get("seed") or 0), recorded=rec)
+        return "synthetic", {"train": False, **opts}  # the recorded seed already names the split's draw
+    if kind == "imagenet":
+        return "imagenet", {"train": train, **dataset_options("imagenet", recorded=folder)}
+    if kind in ("imagefolder", "imagenette"):
+        own = kind == "imagefolder" and info.get("root") and "imagenette" not in str(info.get("name") or "")
+        name = f"imagefolder:{info['root']}" if own else "imagenette"
+        return name, {"train": train, **dataset_options(name, count=need, recorded=folder)}
+    return None
+
+
 # -- tensors -----------------------------------------------------------------------------
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -596,65 +668,6 @@ def as_image_dataset(data, num_classes: int | None = None, name: str = "in-memor
         k = num_classes if num_classes is not None else (int(labels.max()) + 1 if len(labels) else 1)
         classes = tuple(str(i) for i in range(k))
     return ImageDataset(images.contiguous(), labels.to(torch.int64), classes, name, {"dataset": "in-memory"})
-
-
-def augment_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` + random horizontal flip, batched, on any dtype.
-
-    ``x`` ``[N, C, H, W]`` -> same shape and dtype; one offset pair and flip per image, drawn
-    from ``generator`` (CIFAR augmentation of the papers).
-    """
-    n, c, h, w = x.shape
-    if pad > 0:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        x = _gather_crops(xp, dy, dx, h, w)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def _gather_crops(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Per-image crops ``x[i, :, dy_i:dy_i+h, dx_i:dx_i+w]`` in one gather -> ``[N, C, h, w]``."""
-    n, c = x.shape[:2]
-    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)  # [n, h]
-    cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)  # [n, w]
-    idx_n = torch.arange(n, device=x.device)[:, None, None, None]
-    idx_c = torch.arange(c, device=x.device)[None, :, None, None]
-    return x[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def random_crop_flip(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random ``size x size`` crop (no padding) + random horizontal flip per image -> ``[N, C, size, size]``."""
-    n, _, h, w = x.shape
-    if size > h or size > w:
-        raise DataError(f"crop {size} is larger than the images ({h}x{w})")
-    dy = torch.randint(0, h - size + 1, (n,), generator=generator)
-    dx = torch.randint(0, w - size + 1, (n,), generator=generator)
-    x = _gather_crops(x, dy, dx, size, size)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre ``size x size`` crop of ``[N, C, H, W]``."""
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
-def train_batch(data: ImageDataset, idx: torch.Tensor, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """The training view of ``data.images[idx]`` (uint8 ``[B, C, h, w]``) as the papers augment.
-
-    CIFAR-style data (no ``info["crop"]``): random crop with padding 4 + flip if ``augment``.
-    ImageFolder training data (``info["crop"] = s``): random ``s`` crop + flip if ``augment``,
-    else the centre crop.
-    """
-    x = data.images[idx]
-    crop = data.info.get("crop")
-    if crop is None:
-        return augment_crop_flip(x, 4, generator=generator) if augment else x
-    return random_crop_flip(x, int(crop), generator) if augment else center_crop(x, int(crop))
 
 
 def iterate_batches(

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
 __all__ = [
     "Geometry",
     "PatchSpec",
@@ -29,6 +31,7 @@ __all__ = [
     "feature_window",
     "patch_windows",
     "rectangles_of_area",
+    "pixel_start",
 ]
 
 
@@ -234,3 +237,30 @@ def patch_windows(
     for shape in parse_patch(spec).shapes(image_size):
         seen.setdefault(geom.window(shape), None)
     return list(seen)
+
+
+def pixel_start(
+    geometry: Geometry, axis: int, cell: torch.Tensor, window: int | torch.Tensor, patch: int | torch.Tensor,
+    image: int,
+) -> torch.Tensor:
+    """Pixel start of the patch (side ``patch``) whose feature window is cells
+    ``[cell, cell + window - 1]`` along ``axis``; clipped to the image. ``cell``, ``window``
+    and ``patch`` are long tensors of one shape (or ints).
+
+    Patch rows ``[p, p + patch - 1]`` touch cells ``ceil((p + o - r + 1) / s)`` to
+    ``floor((p + patch - 1 + o) / s)``; the patch lies inside the window iff
+    ``(cell - 1) s - o + r <= p <= (cell + window) s - patch - o``; we take the middle of that
+    range (unique for stride 1). On a global axis the patch is centred.
+    """
+    r = geometry.rf[axis]
+    patch = torch.as_tensor(patch, device=cell.device)
+    window = torch.as_tensor(window, device=cell.device)
+    if r is None:
+        return torch.div(image - patch, 2, rounding_mode="floor").expand_as(cell).clone()
+    s, o = geometry.stride[axis], geometry.offset[axis]
+    lo = (cell - 1) * s - o + r
+    hi = (cell + window) * s - patch - o
+    p = torch.div(lo + hi, 2, rounding_mode="floor")
+    if geometry.wrap:
+        p = torch.remainder(p, image)
+    return torch.minimum(p.clamp(min=0), image - patch)

@@ -92,7 +92,8 @@ def load_pretrained(name: str | None = None, device: str | torch.device = "cpu",
 
     If ``<name>.json`` records a ``sha256``, the weights file must match it.
     """
-    from .checkpoint import file_sha256, load_model
+    from .checkpoint import file_sha256
+    from .models import load_model
 
     p = pretrained_path(name, directory)
     want = _sidecar(p).get("sha256")

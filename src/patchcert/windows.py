@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["extend_periodic", "summed_area", "table_window_sums", "box_sums", "window_sums", "placements"]
+__all__ = ["extend_periodic", "summed_area", "table_window_sums", "box_sums", "window_sums", "placements", "fits"]
 
 
 def extend_periodic(x: torch.Tensor, eh: int, ew: int) -> torch.Tensor:
@@ -60,20 +60,32 @@ def box_sums(C: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 
 def placements(size: tuple[int, int], window: tuple[int, int], wrap: bool = False) -> tuple[int, int]:
-    """Number of placements ``(H', W')`` of :func:`window_sums` (a window is clipped to the map;
-    an axis it covers entirely has one placement unless it fits exactly and wraps)."""
+    """Number of placements ``(H', W')`` of a ``wh x ww`` window on an ``H x W`` map -- the one
+    rule every certificate uses (``docs``: certification.md, "Placements"): per axis ``n - w + 1``
+    positions fully inside the map, ``n`` with ``wrap`` (one per start cell, wrapping around the
+    right/bottom edge), and **0 for a window larger than the map** (it has no placement, so
+    nothing is certified against it). A window equal to the map has one placement (``n`` with
+    ``wrap``)."""
     out = []
     for n, w in zip(size, window):
-        out.append(1 if w > n else (n if wrap else n - w + 1))
+        n, w = int(n), int(w)
+        out.append(0 if w > n else (n if wrap else n - w + 1))
     return (out[0], out[1])
+
+
+def fits(size: tuple[int, int], window: tuple[int, int]) -> bool:
+    """Whether ``window`` has any placement on a map of ``size`` (see :func:`placements`)."""
+    return 0 not in placements(size, window)
 
 
 def window_sums(x: torch.Tensor, window: tuple[int, int], wrap: bool = False) -> torch.Tensor:
     """Differentiable sums of ``x`` ``[..., H, W]`` over every placement of ``window``:
-    ``[..., H', W']`` (see :func:`placements`), top-left indexed.
+    ``[..., H', W']`` (:func:`placements`), top-left indexed.
 
-    A window larger than the map is clipped to it (one placement along that axis: the whole
-    axis). Exact for float64 inputs of moderate size (pooling adds the cells in one pass)."""
+    Unlike the certificates (which certify nothing against a window larger than the map), the
+    attacks and training objectives that use this sum an axis the window overhangs whole: the
+    window is clipped to the map there (one placement along that axis). Exact for float64
+    inputs of moderate size (pooling adds the cells in one pass)."""
     H, W = x.shape[-2:]
     wh, ww = min(int(window[0]), H), min(int(window[1]), W)
     lead = x.shape[:-2]

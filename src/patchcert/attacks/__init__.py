@@ -7,7 +7,7 @@ the certified *lower* bound, and a check of every certificate from the attack si
 ``attack_and_check`` also certifies and reports soundness failures.
 """
 
-from .run import AttackRun, attack_dataset
+from .run import AttackExample, AttackRun, attack_dataset
 from .patch import AttackCheck, PatchAttackConfig, PatchAttackResult, attack_and_check, patch_attack
 from .selection import (
     Candidates,
@@ -23,6 +23,7 @@ from .surrogate import SURROGATES, default_surrogates, resolve_surrogate, target
 
 __all__ = [
     "AttackRun",
+    "AttackExample",
     "attack_dataset",
     "AttackCheck",
     "PatchAttackConfig",

@@ -273,6 +273,58 @@ def _verdict(model: nn.Module, defense: Any, geom: Any, x_adv: torch.Tensor, cle
         res.outside_change[ai] = diff.masked_fill(reach, 0.0).flatten(1).amax(1)
 
 
+def _search(model: Any, defense: Any, geom: Any, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+            cand: Any, surrogates: list, shape_t: torch.Tensor, res: PatchAttackResult, cfg: PatchAttackConfig,
+            score_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD from every candidate (placement, target) and restart, in candidate order, on the
+    examples not yet broken; ``res`` keeps each example's best attempt. Returns the attacked
+    images and which examples an attempt claims to have flipped."""
+    N, _, H, W = x.shape
+    dev = x.device
+    x_adv = x.clone()
+    remaining = res.attacked.clone()
+    claimed = torch.zeros(N, dtype=torch.bool, device=dev)
+    attempt = 0
+    for j in range(cand.count):
+        for r in range(cfg.restarts):
+            idx = remaining.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            si = cand.shape[idx, j]
+            ph, pw = shape_t[si, 0], shape_t[si, 1]
+            wh, ww = cand.window[idx, j, 0], cand.window[idx, j, 1]
+            cr, cc = cand.row[idx, j], cand.col[idx, j]
+            py = pixel_start(geom, 0, cr, wh, ph, H)
+            px = pixel_start(geom, 1, cc, ww, pw, W)
+            mask = patch_masks(py, px, ph, pw, (H, W))
+            init = cfg.init if r == 0 else "random"
+            p0 = _init_patch(init, x[idx], indices[idx.cpu()], cfg.seed, attempt)
+            xa, flipped, delta, nsteps = _pgd(
+                model, defense, x[idx], labels[idx], mask, cand.target[idx, j], p0,
+                surrogates[r % len(surrogates)], cfg, score_dtype,
+            )
+            attempt += 1
+            res.attempts[idx] += 1
+            res.steps[idx] += nsteps
+            # keep a success, else the attempt with the lowest smooth margin
+            better = flipped | (delta < res.soft_margin[idx])
+            upd = idx[better]
+            res.shape[upd] = torch.stack([ph, pw], 1)[better]
+            res.pixel[upd] = torch.stack([py, px], 1)[better]
+            res.window[upd] = torch.stack([wh, ww], 1)[better]
+            res.cell[upd] = torch.stack([cr, cc], 1)[better]
+            res.target[upd] = cand.target[idx, j][better]
+            res.predicted_margin[upd] = cand.margin[idx, j][better]
+            res.soft_margin[upd] = delta[better]
+            x_adv[upd] = xa[better]
+            claimed[idx[flipped]] = True
+            remaining[idx[flipped]] = False
+        if not bool(remaining.any()):
+            break
+
+    return x_adv, claimed
+
+
 def patch_attack(
     model: Any,
     defense: Any,
@@ -332,55 +384,16 @@ def patch_attack(
         shape_t = torch.tensor(shapes, dtype=torch.long, device=dev)  # [S, 2]
 
         res = _fresh_result(clean_pred, labels)
-        x_adv = x.clone()
         if K < 2 or not bool(res.attacked.any()):
-            res.adv_images = x_adv if keep_images else None
+            res.adv_images = x.clone() if keep_images else None
             return res
 
         wrap = bool(defense.wrap or geom.wrap)
         cand = select_candidates(defense, clean_scores, labels, windows, wrap, cfg.locations, cfg.targets)
         surrogates = list(cfg.surrogates) if cfg.surrogates else default_surrogates(defense, strong=cfg.restarts > 1)
         surrogates = [resolve_surrogate(s, defense) for s in surrogates]
-        remaining = res.attacked.clone()
-        claimed = torch.zeros(N, dtype=torch.bool, device=dev)
-        attempt = 0
-        for j in range(cand.count):
-            for r in range(cfg.restarts):
-                idx = remaining.nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    break
-                si = cand.shape[idx, j]
-                ph, pw = shape_t[si, 0], shape_t[si, 1]
-                wh, ww = cand.window[idx, j, 0], cand.window[idx, j, 1]
-                cr, cc = cand.row[idx, j], cand.col[idx, j]
-                py = pixel_start(geom, 0, cr, wh, ph, H)
-                px = pixel_start(geom, 1, cc, ww, pw, W)
-                mask = patch_masks(py, px, ph, pw, (H, W))
-                init = cfg.init if r == 0 else "random"
-                p0 = _init_patch(init, x[idx], indices[idx.cpu()], cfg.seed, attempt)
-                xa, flipped, delta, nsteps = _pgd(
-                    model, defense, x[idx], labels[idx], mask, cand.target[idx, j], p0,
-                    surrogates[r % len(surrogates)], cfg, score_dtype,
-                )
-                attempt += 1
-                res.attempts[idx] += 1
-                res.steps[idx] += nsteps
-                # keep a success, else the attempt with the lowest smooth margin
-                better = flipped | (delta < res.soft_margin[idx])
-                upd = idx[better]
-                res.shape[upd] = torch.stack([ph, pw], 1)[better]
-                res.pixel[upd] = torch.stack([py, px], 1)[better]
-                res.window[upd] = torch.stack([wh, ww], 1)[better]
-                res.cell[upd] = torch.stack([cr, cc], 1)[better]
-                res.target[upd] = cand.target[idx, j][better]
-                res.predicted_margin[upd] = cand.margin[idx, j][better]
-                res.soft_margin[upd] = delta[better]
-                x_adv[upd] = xa[better]
-                claimed[idx[flipped]] = True
-                remaining[idx[flipped]] = False
-            if not bool(remaining.any()):
-                break
-
+        x_adv, claimed = _search(model, defense, geom, x, labels, indices, cand, surrogates, shape_t, res, cfg,
+                                 score_dtype)
         _verdict(model, defense, geom, x_adv, clean_scores, labels, res, claimed, score_dtype)
         res.adv_images = x_adv if keep_images else None
         return res

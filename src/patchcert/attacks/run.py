@@ -7,7 +7,8 @@ A certified example the attack breaks is a *soundness failure* (``AttackRun.fail
 
 Run directory (``out_dir``; held by this process for the whole run, see
 :mod:`patchcert.rundir`): ``config.json`` (checked on ``resume``), ``records.jsonl`` (one line
-per example, appended per batch), ``summary.json`` (at the end), ``png/`` (``save_png``).
+per example, appended per batch), ``summary.json`` (at the end); ``patchcert attack
+--save-png`` adds ``png/``.
 One record::
 
     {"index": 7, "label": 3, "clean_pred": 3,
@@ -24,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,12 +36,13 @@ import torch
 from .. import rundir
 from ..loader import load_batches
 from ..errors import PatchcertError
+from ..selection import dataset_indices
 from .patch import PatchAttackConfig, attack_and_check
 from .selection import affected_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttackRun", "attack_dataset"]
+__all__ = ["AttackRun", "AttackExample", "attack_dataset"]
 
 RECORDS = "records.jsonl"
 SUMMARY = "summary.json"
@@ -72,6 +73,34 @@ class AttackRun:
 
 
 @dataclass
+class AttackExample:
+    """One attacked example under one defense and patch, handed to ``attack_dataset``'s
+    ``on_example`` (e.g. to draw it: ``patchcert attack --save-png`` passes each to
+    :func:`patchcert.report.plot_attack_example`).
+
+    ``image`` / ``adv``: the clean and attacked images ``[3, H, W]`` in [0, 1]; ``ev_clean`` /
+    ``ev_adv``: the attack target's (else the predicted class's) per-cell evidence ``[H', W']``
+    before and after; ``record``: the example's attack record for this patch; ``reach``: the
+    cells the patch can touch (bool ``[H', W']``, None if the patch was not placed);
+    ``evidence_name``: what the evidence is called (e.g. ``votes``)."""
+
+    index: int
+    defense: str
+    patch: str
+    image: torch.Tensor
+    adv: torch.Tensor
+    ev_clean: torch.Tensor
+    ev_adv: torch.Tensor
+    record: dict[str, Any]
+    label: int
+    pred: int
+    classes: list[str]
+    certified: bool
+    reach: torch.Tensor | None
+    evidence_name: str
+
+
+@dataclass
 class _AttackJob:
     model: Any
     data: Any
@@ -85,10 +114,6 @@ class _AttackJob:
     batch_size: int
     save_png: int
     config: dict[str, Any]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "x"
 
 
 def _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
@@ -125,9 +150,8 @@ def _plan(model, data, defenses, patches, config, strong, batch_size, device, dt
                       job_config)
 
 
-def _save_pngs(job: _AttackJob, out: Path, d, dp_key: str, pp, x, s, pred, y, idx, res, chk, rows, batch) -> None:
-    from ..report import plot_attack_example
-
+def _report_examples(job: _AttackJob, on_example: Callable[[AttackExample], None], d, dp_key: str, pp, x, s, pred,
+                     y, idx, res, chk, rows, batch) -> None:
     with torch.no_grad():
         adv_s = job.model.score_map(res.adv_images[rows]).to(job.dtype)
     ev_c, ev_a = d.evidence(s[rows]), d.evidence(adv_s)
@@ -139,14 +163,13 @@ def _save_pngs(job: _AttackJob, out: Path, d, dp_key: str, pp, x, s, pred, y, id
         if e["pixel"] is not None:
             reach = affected_mask(geom, torch.tensor([e["pixel"][0]]), torch.tensor([e["pixel"][1]]),
                                   e["patch"][0], e["patch"][1], tuple(s.shape[-2:]))[0]
-        plot_attack_example(out / "png" / f"{int(idx[k]):06d}_{_safe(dp_key)}_{_safe(pp.text)}.png",
-                            x[k].cpu(), res.adv_images[k].cpu(), ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e,
-                            int(y[k]), int(pred[k]), list(job.data.classes), dp_key, pp.text,
-                            bool(chk.certified[k]), reach, d.evidence_name)
+        on_example(AttackExample(int(idx[k]), dp_key, pp.text, x[k].cpu(), res.adv_images[k].cpu(),
+                                 ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e, int(y[k]), int(pred[k]),
+                                 list(job.data.classes), bool(chk.certified[k]), reach, d.evidence_name))
 
 
 def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, seconds: dict[str, float],
-                  out: Path | None) -> list[dict]:
+                  on_example: Callable[[AttackExample], None] | None) -> list[dict]:
     """Records of one batch: images ``xb``, labels ``yb`` of the dataset examples ``idx``."""
     from ..data import to_float
 
@@ -156,7 +179,7 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
         s32 = job.model.score_map(x).float()
     s = s32.to(job.dtype)
     und = s.mean((2, 3)).argmax(1)
-    png_rows = [k for k, i in enumerate(idx.tolist()) if i - job.start < job.save_png] if out is not None else []
+    png_rows = [k for k, i in enumerate(idx.tolist()) if i - job.start < job.save_png] if on_example else []
     batch = [{"index": int(i), "label": int(y[k]), "clean_pred": int(und[k]), "defenses": {}}
              for k, i in enumerate(idx.tolist())]
     for dp in job.defenses:
@@ -182,8 +205,8 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
                 e["soundness_failure"] = bool(chk.soundness_failure[k])
                 batch[k]["defenses"][dp.key]["certified"][pp.text] = bool(chk.certified[k])
                 batch[k]["defenses"][dp.key]["attack"][pp.text] = e
-            if png_rows and out is not None:
-                _save_pngs(job, out, d, dp.key, pp, x, s, pred, y, idx, chk.result, chk, png_rows, batch)
+            if png_rows and on_example is not None:
+                _report_examples(job, on_example, d, dp.key, pp, x, s, pred, y, idx, chk.result, chk, png_rows, batch)
     return batch
 
 
@@ -269,7 +292,8 @@ def _resume(job: _AttackJob, out: Path, resume: bool) -> list[dict]:
     done: list[dict] = []
     if rundir.check_resume(out, job.config, resume, CONFIG, markers=(CONFIG, RECORDS)):
         done = rundir.read_jsonl(out / RECORDS, tail="repair")
-        if [r.get("index") for r in done] != list(range(job.start, job.start + len(done))):
+        expect = dataset_indices(job.data, torch.arange(job.start, job.start + len(done))).tolist()
+        if [r.get("index") for r in done] != expect:
             raise PatchcertError(f"cannot resume {out}: records.jsonl does not hold the first examples in order")
         if len(done) > job.n:
             raise PatchcertError(f"cannot resume {out}: it holds more records than the run selects")
@@ -299,6 +323,9 @@ def attack_dataset(
     command: str = "",
     progress: Callable[[int, int], None] | None = None,
     num_workers: int | None = None,
+    on_example: Callable[[AttackExample], None] | None = None,
+    indices: str | Sequence[int] | None = None,
+    subset: str | None = None,
 ) -> AttackRun:
     """Attack examples ``start .. start+num_examples-1`` of ``data`` under every defense x patch.
 
@@ -307,10 +334,20 @@ def attack_dataset(
     map-style dataset of ``(image, label)`` (see :func:`patchcert.data.as_image_dataset`).
     ``config``: the attack (default BagCert A.2; ``strong=True``: :meth:`PatchAttackConfig.strong`).
     ``out_dir``: the run directory (held for the whole call; ``resume`` continues it; the
-    configuration must match). ``save_png``: PNGs of the first N examples. ``num_workers``:
+    configuration must match). ``save_png``: hand the first N examples, under every defense x
+    patch, to ``on_example`` as an :class:`AttackExample` (``patchcert attack --save-png`` draws
+    them; the attack itself draws nothing). ``num_workers``:
     data loader processes (:func:`patchcert.loader.load_batches`). Returns an
     :class:`AttackRun`; ``run.failures`` lists soundness failures (certified yet broken).
+    ``model`` may be any ``nn.Module`` (images in [0, 1] -> logits ``[N, K]``; pixel defenses
+    only); ``indices`` / ``subset="random:N"`` select the examples as in ``certify_dataset``.
     """
+    if save_png and on_example is None:
+        raise PatchcertError("save_png needs on_example (e.g. one that calls patchcert.report.plot_attack_example)")
+    from ..inputs import prepare_inputs
+
+    model, data = prepare_inputs(model, data, defenses, indices=indices, subset=subset, seed=seed, start=start,
+                                 num_examples=num_examples)
     job = _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
                 save_png, seed)
     job.model.to(job.device)
@@ -331,7 +368,8 @@ def attack_dataset(
             images = load_batches(job.data, batches, num_workers, pin_memory=job.device.type == "cuda")
             try:
                 for xb, yb, idx in images:
-                    batch = _attack_batch(job, xb, yb, idx, seconds, out)
+                    idx = dataset_indices(job.data, idx)  # a selection's positions -> dataset indices
+                    batch = _attack_batch(job, xb, yb, idx, seconds, on_example)
                     if out is not None:
                         rundir.append_jsonl(out / RECORDS, [json.dumps(r, separators=(",", ":"), allow_nan=False)
                                                             for r in batch])

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Geometry
+from ..geometry import Geometry, pixel_start
 from ..windows import window_sums
 
 log = logging.getLogger(__name__)
@@ -184,33 +184,6 @@ def _select_chunk(
     sel = info[P]  # [N, C, 5]
     return Candidates(shape=sel[..., 0], row=sel[..., 1], col=sel[..., 2], target=tgt, margin=M.gather(1, P),
                       window=sel[..., 3:5])
-
-
-def pixel_start(
-    geometry: Geometry, axis: int, cell: torch.Tensor, window: int | torch.Tensor, patch: int | torch.Tensor,
-    image: int,
-) -> torch.Tensor:
-    """Pixel start of the patch (side ``patch``) whose feature window is cells
-    ``[cell, cell + window - 1]`` along ``axis``; clipped to the image. ``cell``, ``window``
-    and ``patch`` are long tensors of one shape (or ints).
-
-    Patch rows ``[p, p + patch - 1]`` touch cells ``ceil((p + o - r + 1) / s)`` to
-    ``floor((p + patch - 1 + o) / s)``; the patch lies inside the window iff
-    ``(cell - 1) s - o + r <= p <= (cell + window) s - patch - o``; we take the middle of that
-    range (unique for stride 1). On a global axis the patch is centred.
-    """
-    r = geometry.rf[axis]
-    patch = torch.as_tensor(patch, device=cell.device)
-    window = torch.as_tensor(window, device=cell.device)
-    if r is None:
-        return torch.div(image - patch, 2, rounding_mode="floor").expand_as(cell).clone()
-    s, o = geometry.stride[axis], geometry.offset[axis]
-    lo = (cell - 1) * s - o + r
-    hi = (cell + window) * s - patch - o
-    p = torch.div(lo + hi, 2, rounding_mode="floor")
-    if geometry.wrap:
-        p = torch.remainder(p, image)
-    return torch.minimum(p.clamp(min=0), image - patch)
 
 
 def affected_mask(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -20,11 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="patchcert", description="Certified robustness to adversarial patches.")
     p.add_argument("--version", action="version", version=f"patchcert {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after the verb)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (before or after the verb)")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:
         importlib.import_module(f".{verb}", __name__).register(sub)
+    for sp in sub.choices.values():  # -v / -q after the verb too (SUPPRESS: never resets the value given before)
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only")
     return p
 
 
@@ -35,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from ._logging import configure_logging
+
+    if args.verbose and args.quiet:
+        print(f"patchcert {args.verb}: error: give -v or -q, not both", file=sys.stderr)
+        return 2
+    configure_logging(verbose=args.verbose, quiet=args.quiet)
     try:
         rc = args.func(args)
     except PatchcertError as e:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -137,9 +137,15 @@ def _print_table(summary: dict) -> None:
 
 # -- the verb ----------------------------------------------------------------------------
 
+def _safe(name: str) -> str:
+    """A defense key or patch spec as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "x"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..attacks.run import attack_dataset
     from ..runtime import harden, resolve_device
+    from ._model_args import selection_kwargs
     from .certify import _load_model_and_data
 
     if args.num_examples is not None and args.num_examples < 1:
@@ -172,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             bar.update(done - bar.n)
 
+    def draw(ex: Any) -> None:  # --save-png: the attack hands over each example, the report draws it
+        from ..report import plot_attack_example
+
+        plot_attack_example(out / "png" / f"{ex.index:06d}_{_safe(ex.defense)}_{_safe(ex.patch)}.png", ex.image,
+                            ex.adv, ex.ev_clean, ex.ev_adv, ex.record, ex.label, ex.pred, ex.classes, ex.defense,
+                            ex.patch, ex.certified, ex.reach, ex.evidence_name)
+
     try:
         res = attack_dataset(
             model, data, defenses=args.defense or default_defenses(model), patches=args.patch or ["5x5"], config=cfg,
@@ -179,19 +192,17 @@ def run(args: argparse.Namespace) -> int:
             num_examples=args.num_examples, start=args.start, out_dir=out, resume=args.resume,
             save_png=args.save_png, seed=args.seed,
             command="patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:]), progress=progress,
-            num_workers=args.workers)
+            num_workers=args.workers, on_example=draw if args.save_png else None, **selection_kwargs(args))
     finally:
         if bar is not None:
             bar.close()
     summary = res.summary
     if args.json:
-        short = {"n": summary["n"], "results": [{k: r[k] for k in ("defense", "patch", "clean_accuracy",
-                                                                     "certified_accuracy", "robust_accuracy",
-                                                                     "attack_success_rate", "soundness_failures")}
-                                                for r in summary["results"]],
-                 "soundness_failures": summary["soundness_failures"]}
-        sys.stdout.flush()
-        print(json.dumps(short), flush=True)
+        from ._output import print_json
+
+        rows = [{k: r[k] for k in ("defense", "patch", "clean_accuracy", "certified_accuracy", "robust_accuracy",
+                                   "attack_success_rate", "soundness_failures")} for r in summary["results"]]
+        print_json("attack", rows, n=summary["n"], soundness_failures=summary["soundness_failures"], out_dir=str(out))
     else:
         _print_table(summary)
         print(f"run directory: {out}")

@@ -44,13 +44,20 @@ patch specs (--patch, repeatable; default: 5x5):
 models (--model): a checkpoint file (.safetensors; legacy .pth only as plain tensors), a
   shipped pretrained name (patchcert.pretrained), or a registry name (randomly initialised,
   with a warning; --model-cfg '{"width": 32}'). Default: the shipped CIFAR-10 model.
+  Your own classifier (float images in [0, 1] -> logits [N, K]; double masking only):
+  --model mynet.py:build | mypkg.nets:build | torchvision:resnet18 | timm:resnet18 (FACTORY
+  called with --model-cfg's options), --weights w.safetensors (or a state dict .pt),
+  --mean/--std imagenet|cifar10|none|0.5,0.5,0.5; classes from its output, size from the data.
+selection: --start/-n (first examples), --indices 3,17,40-49, --subset random:N (seeded by
+  --seed, recorded, resumable; -n/--start then count within the selection).
 run directory (--out RUN): records.jsonl (one JSON object per example, written per batch),
   progress.json, config.json, and at the very end summary.json + summary.csv (absent =
   unfinished; --resume continues, with the same options). --shard i/n (0 <= i < n) writes RUN/shard-i-of-n/ with a
   contiguous block of batches; under torchrun every rank takes shard RANK/WORLD_SIZE and rank 0
   merges. --merge RUN joins finished shards into RUN/ (records identical to a single run).
---json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
-  "certified_accuracy"}, ...]}.
+--json: the last stdout line is one JSON object, {"verb": "certify", "n": N, "results":
+  [{"defense", "patch", "clean_accuracy", "certified_accuracy"}, ...], "out_dir": RUN}
+  (the shape every verb's --json shares; see the README).
 """
 
 
@@ -108,6 +115,9 @@ def add_model_data_arguments(g, scores: bool = True) -> None:
     g.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default: test)")
     g.add_argument("--start", type=int, default=0, help="first example index (default 0)")
     g.add_argument("--num-examples", "-n", type=int, help="number of examples (default: all from --start)")
+    from ._model_args import add_user_model_arguments
+
+    add_user_model_arguments(g)
     g.add_argument("--workers", type=int, metavar="N",
                    help="data loader processes decoding images ahead of the model (default: 0 for in-memory "
                         "data such as CIFAR-10, min(4, cpus) for image folders)")
@@ -175,36 +185,30 @@ def _load_data(name: str, args: argparse.Namespace, num_classes: int | None, inp
                ckpt_cfg: dict[str, Any] | None = None):
     """The dataset: loader options from the model (input size, classes), then the checkpoint's
     training ``dataset_cfg`` (same dataset only), then ``--dataset-cfg``."""
-    from ..data import load_dataset
+    from ..data import dataset_options, load_dataset
 
     user = _json_object(args.dataset_cfg, "--dataset-cfg")
     ckpt_cfg = ckpt_cfg or {}
     count = None if args.num_examples is None or args.num_examples < 1 else args.start + args.num_examples
-    kw: dict[str, Any] = {}
-    if name == "synthetic":
-        kw = {"n": count or 64, "num_classes": num_classes or 10,
-              "size": int(input_size[0]) if input_size else 32, "seed": args.seed}
-        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("seed", "pattern")})
-        if num_classes is None and "num_classes" in ckpt_cfg:
-            kw["num_classes"] = ckpt_cfg["num_classes"]
-    elif name in ("imagenette", "imagenet") or name.startswith("imagefolder:"):
-        if name.startswith("imagefolder:") and args.split == "train":
-            log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
-        if input_size and input_size[0] == input_size[1]:
-            kw["size"] = int(input_size[0])
-            kw["resize"] = max(kw["size"], round(kw["size"] * 256 / 224))
-        kw.update({k: v for k, v in ckpt_cfg.items() if k in ("size", "resize")})
-        if count is not None:
-            kw["limit"] = count
+    if name.startswith("imagefolder:") and args.split == "train":
+        log.warning("--split is ignored for imagefolder:PATH: certifying the folder as it is")
+    kw = dataset_options(name, count=count, num_classes=num_classes, image_size=input_size, seed=args.seed,
+                         recorded=ckpt_cfg)
     kw.update(user)
     return load_dataset(name, args.data_dir, train=args.split == "train", **kw)
 
 
 def _load_model_and_data(args: argparse.Namespace, device: Any):
-    from ..checkpoint import load_model
-    from ..models import create_model
+    from ..models import create_model, load_model
     from ..pretrained import load_pretrained
 
+    from ._model_args import check_user_model_args, is_user_model, load_user_model_and_data
+
+    check_user_model_args(args)
+    if getattr(args, "indices", None) or getattr(args, "subset", None):  # -n counts within the selection
+        args = argparse.Namespace(**{**vars(args), "num_examples": None})
+    if is_user_model(args.model):
+        return load_user_model_and_data(args, device, _load_data)
     kind = _classify_model(args.model)
     cfg = _model_cfg(args)
     if cfg and kind != "registry":
@@ -276,8 +280,10 @@ def _print_table(summary: Any, run_dir: Path | None) -> None:
 
 def _emit(summary: Any, args: argparse.Namespace, run_dir: Path | None) -> None:
     if args.json:
-        sys.stdout.flush()
-        print(json.dumps(summary.short()), flush=True)
+        from ._output import print_json
+
+        short = summary.short()
+        print_json("certify", short.pop("results"), **short, out_dir=None if run_dir is None else str(run_dir))
     else:
         _print_table(summary, run_dir)
 
@@ -309,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
     from ..results import load_scores, merge_shards
     from ..rundir import hold_for_job
     from ..runtime import harden, resolve_device
+    from ._model_args import selection_kwargs
 
     if args.merge:
         _check_merge_flags(args)
@@ -379,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
                     start=args.start, shard=shard, out_dir=out, resume=args.resume, save_scores=args.save_scores,
                     square_cap=args.square_cap, seed=args.seed, command=command, progress=progress,
                     num_workers=args.workers, lock=not distributed, keep_records=False,
-                    skip_bad_images=args.skip_bad_images)
+                    skip_bad_images=args.skip_bad_images, **selection_kwargs(args))
             finally:
                 if bar is not None:
                     bar.close()

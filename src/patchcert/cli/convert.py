@@ -52,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
     res = convert_checkpoint(args.src, args.arch, args.out, num_classes=args.num_classes, model_cfg=cfg,
                              select_classes=args.select_classes, classes=names, overwrite=args.force)
     if args.json:
-        print(json.dumps({"out": res.out, "arch": res.arch, "config": res.config, "num_classes": res.num_classes,
-                          "tensors": res.tensors, "filled_defaults": res.filled, "source": res.source}, sort_keys=True))
+        from ._output import print_json
+
+        print_json("convert", [{"out": res.out, "arch": res.arch, "config": res.config, "num_classes": res.num_classes,
+                                "tensors": res.tensors, "filled_defaults": res.filled, "source": res.source}],
+                   out=res.out)
         return 0
     from rich.console import Console
 

@@ -6,6 +6,8 @@ import argparse
 import inspect
 import json
 import logging
+import shutil
+import textwrap
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ def model_info(name: str) -> dict[str, Any]:
                if k != "num_classes" and p.default is not inspect.Parameter.empty}
     doc = inspect.getdoc(fn) or ""
     ncls = params["num_classes"].default if "num_classes" in params else None
-    info: dict[str, Any] = {"name": name, "description": doc.splitlines()[0] if doc else "",
+    info: dict[str, Any] = {"name": name, "description": _first_sentence(doc),
                             "num_classes": ncls, "options": options, "geometry": None}
     try:
         m = skeleton_model(name, ncls if isinstance(ncls, int) else 10)
@@ -41,6 +43,15 @@ def model_info(name: str) -> dict[str, Any]:
     except Exception as e:  # a model that cannot be built with its defaults is still listed
         log.debug("cannot build %s with defaults: %s", name, e)
     return info
+
+
+def _first_sentence(doc: str) -> str:
+    """The docstring's first paragraph, cut after its first sentence (never mid-sentence)."""
+    para = " ".join(doc.split("\n\n", 1)[0].split())
+    for i, ch in enumerate(para):
+        if ch == "." and (i + 1 == len(para) or para[i + 1] == " ") and not para[max(0, i - 3):i].endswith(("e.g", "i.e")):
+            return para[:i + 1]
+    return para
 
 
 def pretrained_info() -> list[dict[str, Any]]:
@@ -120,31 +131,39 @@ def run(args: argparse.Namespace) -> int:
     models = [model_info(n) for n in list_models()]
     pre = pretrained_info()
     if args.json:
-        print(json.dumps({"models": models, "pretrained": pre}, indent=2, sort_keys=True, default=str))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+        from ._output import print_json
 
-    con = Console()
-    t = Table(title="registered models (patchcert.create_model)", title_justify="left")
-    for col in ("name", "rf", "stride", "wrap", "input", "options", "description"):
-        t.add_column(col, overflow="fold")
+        print_json("models", models, pretrained=pre)
+        return 0
+    width = max(60, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    out = ["registered models (patchcert.create_model; rf/stride in pixels, 'all' = global):", ""]
     for m in models:
         rf, st, wrap, size = _fmt_geom(m["geometry"])
+        geo = f"rf {rf}, stride {st}, input {size}" + (", wraps" if wrap == "yes" else "")
+        out.append(f"{m['name']:<16} {geo}" if len(m["name"]) < 16 else f"{m['name']}  {geo}")
+        out += _wrap(m["description"], width)
         opts = ", ".join(f"{k}={v}" for k, v in m["options"].items())
-        t.add_row(m["name"], rf, st, wrap, size, opts, m["description"])
-    con.print(t)
+        if opts:
+            out += _wrap(f"options: {opts}", width)
     if not pre:
-        con.print("pretrained models: none shipped")
+        out += ["", "pretrained models: none shipped"]
+        print("\n".join(out))
         return 0
-    t = Table(title="pretrained models (patchcert.pretrained)", title_justify="left")
-    for col in ("name", "arch", "data", "epochs", "accuracy", "training"):
-        t.add_column(col, overflow="fold")
+    out += ["", "pretrained models (patchcert.pretrained; --model NAME):", ""]
     for d in pre:
         meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else d
         cfg = meta.get("config")
         arch = str(_first(meta, "arch") or "-") + (f" {json.dumps(cfg, sort_keys=True)}" if cfg else "")
         name = str(d.get("name", "?")) + (" (default)" if d.get("default") else "")
-        t.add_row(name, arch, _data(meta), _epochs(meta), _accuracy(meta), _training(meta))
-    con.print(t)
+        out.append(name)
+        for label, text in (("arch", arch), ("data", _data(meta)), ("epochs", _epochs(meta)),
+                            ("accuracy", _accuracy(meta)), ("training", _training(meta))):
+            out += _wrap(f"{label}: {text}", width)
+    print("\n".join(out))
     return 0
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` wrapped to ``width`` columns under a 4-space indent (long words are not broken)."""
+    return textwrap.wrap(text, width=width, initial_indent="    ", subsequent_indent="      ",
+                         break_long_words=False, break_on_hyphens=False) or ["    -"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import PatchcertError
@@ -65,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     res = make_report(args.runs, args.out, attacks=args.attack, examples=_examples(args.examples),
                       map_patch=args.map_patch, data_dir=args.data_dir, plots=not args.no_plots)
     if args.json:
-        sys.stdout.flush()
-        print(json.dumps({"rows": [r.to_json() for r in res.rows], "files": [str(f) for f in res.files]}), flush=True)
+        from ._output import print_json
+
+        print_json("report", [r.to_json() for r in res.rows], files=[str(f) for f in res.files])
         return 0
     from rich.console import Console
     from rich.table import Table

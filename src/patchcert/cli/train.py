@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="TOML or JSON file with TrainConfig fields")
     p.add_argument("--out", help="run directory (default: from config)")
     p.add_argument("--model", help="registered model name (see patchcert models)")
-    p.add_argument("--objective", help="bagcert | patchguard | ce | ds")
+    p.add_argument("--objective", help="bagcert | patchguard | ce | ds | mask_cutout (double masking)")
     p.add_argument("--dataset", help="cifar10 | imagenette | imagefolder:PATH | synthetic")
     p.add_argument("--data-dir", help="data folder (default: $PATCHCERT_DATA)")
     p.add_argument("--epochs", type=int)
@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end this call after EPOCH (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every training option (TrainConfig field) with its default and meaning, then exit; "
+                        "with --config/flags: the resolved values")
     p.set_defaults(func=run)
     _one_line_errors(p)
 
@@ -105,12 +108,32 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+def _print_config(args: argparse.Namespace) -> int:
+    """Every TrainConfig field: name, type, default (and the resolved value if a config/flag sets
+    it) and meaning; ends with how to train a finished run longer."""
+    from ..train.options import EXTEND_HINT, describe_config
+
+    resolved = vars(build_config(args)) if (args.config or args.set or any(getattr(args, f) is not None
+                                                                          for f, _ in FLAG_FIELDS)) else None
+    lines = []
+    for f in describe_config():
+        val = json.dumps(f["default"])
+        if resolved is not None and resolved[f["name"]] != f["default"]:
+            val = f"{json.dumps(resolved[f['name']])} (default {val})"
+        lines.append(f"{f['name']} = {val}  [{f['type']}]\n    {f['help']}")
+    print("\n".join(lines))
+    print(f"\nset a field in a TOML/JSON --config file or with --set KEY=VALUE; {EXTEND_HINT}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import train
 
+    if args.print_config:
+        return _print_config(args)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # other torchrun ranks: warnings and errors only
-        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("patchcert").setLevel(logging.WARNING)
     cfg = build_config(args)
     bar = None
 
@@ -131,5 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if rank == 0:
-        print(json.dumps({"out_dir": cfg.out_dir, **metrics}))
+        from ._output import print_json
+
+        print_json("train", [{"out_dir": cfg.out_dir, **metrics}], out_dir=cfg.out_dir)
     return 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..windows import box_sums, extend_periodic, summed_area
+from ..windows import box_sums, extend_periodic, fits, placements, summed_area
 from ..windows import table_window_sums as window_sums
 from .base import competitor
 
@@ -51,14 +51,12 @@ class Prepared:
         return self._sat
 
     def fits(self, window: tuple[int, int]) -> bool:
-        H, W = self.size
-        return window[0] <= H and window[1] <= W
+        """Whether ``window`` has any placement on the map (see :func:`patchcert.windows.placements`)."""
+        return fits(self.size, window)
 
     def placements(self, window: tuple[int, int]) -> tuple[int, int]:
-        H, W = self.size
-        if self.wrap:
-            return (H, W)
-        return (H - window[0] + 1, W - window[1] + 1)
+        """``(Hp, Wp)``: :func:`patchcert.windows.placements` (0 along an axis the window overhangs)."""
+        return placements(self.size, window, self.wrap)
 
     def window_sums(self, window: tuple[int, int]) -> torch.Tensor:
         """Sum of the values in every placement of ``window``: ``[N, K, Hp, Wp]``."""

@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from ..errors import PatchcertError
+from ..windows import placements
 
 __all__ = [
     "Defense",
@@ -45,6 +46,7 @@ __all__ = [
     "list_defenses",
     "create_defense",
     "defense_from_config",
+    "defense_class",
     "check_scores",
     "check_labels",
     "check_windows",
@@ -84,6 +86,13 @@ def register_defense(name: str) -> Callable[[type["Defense"]], type["Defense"]]:
     return deco
 
 
+def defense_class(name: str) -> type["Defense"]:
+    """The class registered under ``name`` (one-line PatchcertError if none)."""
+    if not isinstance(name, str) or name not in _DEFENSES:
+        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
+    return _DEFENSES[name]
+
+
 def list_defenses() -> list[str]:
     """Names accepted by :func:`create_defense`."""
     return sorted(_DEFENSES)
@@ -94,9 +103,7 @@ def create_defense(name: str, **kwargs: Any) -> "Defense":
 
     Unknown names, unknown options and bad option values raise :class:`PatchcertError`.
     """
-    if not isinstance(name, str) or name not in _DEFENSES:
-        raise PatchcertError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
-    cls = _DEFENSES[name]
+    cls = defense_class(name)
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(kwargs) - set(allowed))
@@ -116,11 +123,7 @@ def defense_from_config(config: dict[str, Any]) -> "Defense":
         raise PatchcertError(f"a defense config must be a dict with a 'name', got {config!r}")
     cfg = dict(config)
     name = cfg.pop("name")
-    if isinstance(cfg.get("window"), list):
-        cfg["window"] = tuple(cfg["window"])
-    if isinstance(cfg.get("clip"), list):
-        cfg["clip"] = tuple(cfg["clip"])
-    return create_defense(name, **cfg)
+    return create_defense(name, **defense_class(name).options_from_json(cfg))
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -340,6 +343,11 @@ class Defense:
     #: per-cell relaxed evidence lies in [0, 1] (BagCert's margin cap M = 1 applies to the attack)
     relaxation_bounded: ClassVar[bool] = False
 
+    @classmethod
+    def options_from_json(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options from their JSON form (JSON has lists, options have pairs)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
     # -- self-description: what certify, attack, report and training need to know ------------
     @classmethod
     def example_configs(cls) -> list[dict[str, Any]]:
@@ -521,10 +529,7 @@ class Defense:
 
     # -- machinery -----------------------------------------------------------------------
     def _placement_shape(self, size: tuple[int, int], window: Window) -> tuple[int, int]:
-        out = []
-        for n, w in zip(size, window):
-            out.append(0 if w > n else (n if self.wrap else n - w + 1))
-        return (out[0], out[1])
+        return placements(size, window, self.wrap)
 
     def _chunk(self, shape: Sequence[int], windows: list[Window]) -> int:
         per = max(1, int(self._elements_per_image(shape, windows)))

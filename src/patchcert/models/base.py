@@ -10,7 +10,8 @@ import torch.nn as nn
 from ..errors import PatchcertError
 from ..geometry import Geometry
 
-__all__ = ["ScoreMapModel", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "trace_geometry"]
+__all__ = ["ScoreMapModel", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "trace_geometry",
+           "check_pixel_range"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -37,6 +38,20 @@ def trace_geometry(
     return Geometry(rf=(r, r), stride=(j, j), offset=(o, o), wrap=wrap, input_size=input_size)
 
 
+def check_pixel_range(x: torch.Tensor, what: str) -> None:
+    """Refuse images that are not float in [0, 1] (uint8, or floats in 0..255), naming the fix."""
+    if not x.is_floating_point():
+        raise PatchcertError(f"{what}: images are {str(x.dtype).replace('torch.', '')}; models take float images in "
+                             "[0, 1]: convert with x.float() / 255 (patchcert.data.to_float)")
+    if x.numel() and not x.requires_grad and x.device.type != "meta":
+        lo, hi = torch.aminmax(x.detach())
+        lo_f, hi_f = float(lo), float(hi)
+        if not (lo_f >= 0.0 and hi_f <= 1.0):  # NaN fails too
+            fix = "divide by 255" if hi_f > 1.0 and hi_f <= 255.0 and lo_f >= 0.0 else "clamp or rescale them"
+            raise PatchcertError(f"{what}: images must be float in [0, 1], got values in [{lo_f:.4g}, {hi_f:.4g}]; "
+                                 f"{fix}")
+
+
 class ScoreMapModel(nn.Module):
     """A small-receptive-field classifier that exposes its score map.
 
@@ -60,6 +75,7 @@ class ScoreMapModel(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise PatchcertError(f"{self.arch}: expected images [N, C, H, W], got {shape}")
+        check_pixel_range(x, self.arch)
         if x.shape[1] != self.mean.shape[1]:
             raise PatchcertError(f"{self.arch}: expected {self.mean.shape[1]} channels, got {x.shape[1]}")
         exp = self.geometry.input_size

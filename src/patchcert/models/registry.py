@@ -10,9 +10,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import PatchcertError
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError, PatchcertError
 
-__all__ = ["register_model", "create_model", "list_models", "model_entrypoint", "count_parameters"]
+__all__ = ["register_model", "create_model", "list_models", "model_entrypoint", "count_parameters", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +102,30 @@ def _check_size(name: str, fn: Callable[..., nn.Module], num_classes: int, cfg: 
         raise PatchcertError(f"model {name!r}{f' ({opts})' if opts else ''} would have {n:.3g} parameters "
                              f"({need / 2**30:.3g} GiB in float32), more than this machine's "
                              f"{have / 2**30:.3g} GiB of memory; choose a smaller model")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a registered model from a patchcert checkpoint, in eval mode."""
+    state, meta = load_checkpoint(path)
+    arch = meta.get("arch")
+    if not arch:
+        raise CheckpointError(f"{path}: checkpoint metadata names no architecture")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: checkpoint metadata 'arch' must be a model name, got {arch!r:.60}")
+    cfg = meta.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: checkpoint config is not an object")
+    try:  # create_model checks num_classes (a positive int) and the options
+        model = create_model(arch, num_classes=meta.get("num_classes", 10), **cfg)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build {arch!r} from its metadata ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not match {arch!r} ({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model.checkpoint_meta = meta  # type: ignore[attr-defined]
+    model.checkpoint_path = str(path)  # type: ignore[attr-defined]
+    return model.to(device).eval()

@@ -15,14 +15,14 @@ image_size, **cfg)`` validates ``cfg`` (unknown or bad options are one-line erro
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PatchcertError
-from ..models.ds import random_ablate
+from ..models.ds import DerandomizedSmoothing, random_ablate
 from ..windows import window_sums
 
 __all__ = [
@@ -240,6 +240,13 @@ class Objective:
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The defense a model trained with this objective is evaluated (and deployed) with, as
+        ``{"name": ..., **options}`` (``cfg``: the objective's options; ``windows``: the
+        evaluation threat's feature windows). Default: voting on the local argmax."""
+        return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
+
     def describe(self) -> dict[str, Any]:
         """Resolved settings, for logs and checkpoint metadata."""
         return {"name": self.name}
@@ -287,6 +294,11 @@ class BagCertObjective(Objective):
     the start to 0 at that fraction of training (None: constant)."""
 
     name = "bagcert"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Sign voting, BagCert's Condition 3.2."""
+        return {"name": "voting", "binarize": "sign", "condition": "3.2"}
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0,
                  classes: str = "runner_up", dense_bce: float = 0.0, dense_until: float | None = None) -> None:
@@ -339,6 +351,15 @@ class PatchGuardObjective(Objective):
 
     name = "patchguard"
 
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Robust masking of clipped logits (T = 0) with a mask window covering every window."""
+        if not windows:
+            raise PatchcertError("the masking defense needs the evaluation patch window")
+        win = [max(w[0] for w in windows), max(w[1] for w in windows)]
+        return {"name": "masking", "window": win, "threshold": 0.0, "clip_max": cfg.get("clip_max"),
+                "features": "logits"}
+
     def __init__(
         self,
         model: nn.Module,
@@ -387,7 +408,7 @@ class PatchGuardObjective(Objective):
 class DSObjective(Objective):
     """De-randomized smoothing: train the base classifier on one random ablation per image.
 
-    The model must be a DS model (``ds_column`` / ``ds_block``) exposing ``.base``; the ablation
+    The model must be a DS model (``ds_column`` / ``ds_block``: a ``DerandomizedSmoothing``); the ablation
     (mode ``column``/``block`` and band width ``b``) is the model's unless given here. Each image
     of the global batch keeps one random band/block (drawn from the data generator, so runs
     resume exactly and every DDP rank sees the same ablations); loss = cross-entropy of the
@@ -395,25 +416,28 @@ class DSObjective(Objective):
     """
 
     name = "ds"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Voting with softmax threshold 0.3 on wrap-around bands."""
+        return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], mode: str | None = None, b: int | None = None) -> None:
         super().__init__(model, image_size)
         self._ablate = random_ablate
-        base = getattr(model, "base", None)
-        if not isinstance(base, nn.Module):
-            raise PatchcertError(f"objective 'ds' needs a De-randomized smoothing model with a .base classifier, "
+        if not isinstance(model, DerandomizedSmoothing):
+            raise PatchcertError(f"objective 'ds' needs a De-randomized smoothing model (ds_column / ds_block), "
                                  f"got {getattr(model, 'arch', type(model).__name__)!r}")
-        mcfg = dict(getattr(model, "config", {}) or {})
-        self.mode = mode if mode is not None else getattr(model, "mode", mcfg.get("mode"))
-        self.b = b if b is not None else getattr(model, "b", mcfg.get("b"))
+        self.mode = mode if mode is not None else model.mode
+        self.b = b if b is not None else model.b
         if self.mode not in ("column", "block"):
             raise PatchcertError(f"objective 'ds': ablation mode must be 'column' or 'block', got {self.mode!r}")
         if isinstance(self.b, bool) or not isinstance(self.b, int) or self.b < 1:
             raise PatchcertError(f"objective 'ds': band width b must be a positive int, got {self.b!r}")
 
     def trainable(self, model: nn.Module) -> nn.Module:
-        return model.base  # type: ignore[return-value]
+        return cast(DerandomizedSmoothing, model).base  # checked in __init__
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self._ablate(x, self.mode, self.b, generator)
