@@ -240,6 +240,41 @@ def test_a_bad_image_while_training_is_one_line_naming_the_file(tmp_path, capsys
     assert len(lines) == 1 and (str(bad[4]) in lines[0] or str(bad[9]) in lines[0]), err
 
 
+def test_skip_bad_images_with_a_selection_keeps_dataset_indices_and_resumes(tmp_path, monkeypatch, capsys):
+    """--indices: the skipped entries hold dataset indices (as the records do), and a run cut after
+    the second batch's skip resumes to the same bytes (positions in the selection are not indices)."""
+    import errno
+
+    import patchcert.results as results
+
+    root, bad = _folder_with_bad_images(tmp_path / "imgs")
+    args = ["certify", *_folder_args(root, 1), "--square-cap", "0", "--skip-bad-images", "--indices", "0,3,4,6,9-11"]
+    ref = tmp_path / "ref"
+    assert main(args + ["--out", str(ref)]) == 0, capsys.readouterr().err
+    summary = json.loads((ref / "summary.json").read_text())
+    assert [s["index"] for s in summary["metadata"]["skipped"]] == [4, 9]
+    assert str(bad[9]) in summary["metadata"]["skipped"][1]["reason"]
+    assert [json.loads(ln)["index"] for ln in (ref / "records.jsonl").read_text().splitlines()] == [0, 3, 6, 10, 11]
+    assert summary["n"] == 5
+    real, calls = results.append_jsonl, {"n": 0}
+
+    def full(path, lines):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second batch's records (its skipped image is written before them)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, lines)
+
+    monkeypatch.setattr(results, "append_jsonl", full)
+    cut = tmp_path / "cut"
+    _one_line(capsys, main(args + ["--out", str(cut)]), "No space left on device", "--resume")
+    monkeypatch.setattr(results, "append_jsonl", real)
+    assert (cut / "skipped.jsonl").read_text().count("\n") == 2
+    assert main(args + ["--out", str(cut), "--resume"]) == 0, capsys.readouterr().err
+    for f in ("records.jsonl", "skipped.jsonl"):
+        assert (cut / f).read_bytes() == (ref / f).read_bytes()
+    assert json.loads((cut / "summary.json").read_text())["metadata"]["skipped"] == summary["metadata"]["skipped"]
+
+
 def test_skip_bad_images_records_them_and_resume_and_shards_are_byte_identical(tmp_path, monkeypatch, capsys):
     import errno
 
