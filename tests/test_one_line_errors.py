@@ -151,7 +151,8 @@ def test_non_finite_training_options(how, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--resume"], ["--out", "x"], ["--save-scores"]])
+@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--resume"], ["--out", "x"], ["--save-scores"],
+                                   ["--indices", "1,2"], ["--subset", "random:3"]])
 def test_merge_refuses_the_flags_it_would_ignore(extra, tmp_path, capsys):
     out = tmp_path / "run"
     for i in range(2):

@@ -302,7 +302,8 @@ def _dist_env() -> tuple[int, int]:
 def _check_merge_flags(args: argparse.Namespace) -> None:
     """``--merge RUN`` with a flag it would ignore is refused (one line)."""
     given = [f for f, v in (("--shard", args.shard), ("--resume", args.resume), ("--out", args.out),
-                            ("--save-scores", args.save_scores), ("--skip-bad-images", args.skip_bad_images)) if v]
+                            ("--save-scores", args.save_scores), ("--skip-bad-images", args.skip_bad_images),
+                            ("--indices", args.indices), ("--subset", args.subset)) if v]
     if given:
         raise PatchcertError(f"--merge RUN joins finished shards; it takes no {', '.join(given)} "
                              "(finish a shard with --shard i/n --resume --out RUN first)")
