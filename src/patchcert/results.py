@@ -68,6 +68,7 @@ __all__ = [
     "SCORES_FILE",
     "TIMING_FIELDS",
     "WorstCase",
+    "MaskPairCase",
     "DefenseOutcome",
     "ExampleRecord",
     "ResultRow",
@@ -151,6 +152,36 @@ class WorstCase:
                    int(d["class"]))
 
 
+@dataclass(frozen=True)
+class MaskPairCase:
+    """Why double masking did not certify an image: ``pair`` = the first mask pair ``(i, j)``
+    (``i == j``: one mask) whose prediction ``cls`` is not the label, in the certificate's
+    order (the first round, then pairs ``i < j`` row-major); ``first_round``: some one-mask
+    prediction already disagrees with the label; ``disagree``: the masks whose one-mask
+    prediction disagrees. JSON: ``{"pair": [i, j], "class": c, "first_round": b, "disagree": [...]}``."""
+
+    pair: tuple[int, int]
+    cls: int
+    first_round: bool
+    disagree: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pair": [int(self.pair[0]), int(self.pair[1])], "class": int(self.cls),
+                "first_round": bool(self.first_round), "disagree": [int(m) for m in self.disagree]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "MaskPairCase":
+        p = d["pair"]
+        return cls((int(p[0]), int(p[1])), int(d["class"]), bool(d["first_round"]),
+                   tuple(int(m) for m in d.get("disagree") or ()))
+
+
+def _worst_from_json(d: Mapping[str, Any] | None) -> "WorstCase | MaskPairCase | None":
+    if d is None:
+        return None
+    return MaskPairCase.from_json(d) if "pair" in d else WorstCase.from_json(d)
+
+
 @dataclass
 class DefenseOutcome:
     """One defense on one image: its prediction and, per patch spec, the certificate."""
@@ -158,7 +189,7 @@ class DefenseOutcome:
     pred: int
     correct: bool
     certified: dict[str, bool]
-    worst: dict[str, WorstCase | None]
+    worst: dict[str, WorstCase | MaskPairCase | None]
     largest_square: int | None
     shapes: dict[str, dict[str, bool]] = field(default_factory=dict)
 
@@ -181,7 +212,7 @@ class DefenseOutcome:
             pred=int(d["pred"]),
             correct=bool(d["correct"]),
             certified={str(k): bool(v) for k, v in d["certified"].items()},
-            worst={str(k): (None if v is None else WorstCase.from_json(v)) for k, v in d.get("worst", {}).items()},
+            worst={str(k): _worst_from_json(v) for k, v in d.get("worst", {}).items()},
             largest_square=None if ls is None else int(ls),
             shapes={str(k): {str(s): bool(b) for s, b in v.items()} for k, v in (d.get("shapes") or {}).items()},
         )
@@ -215,7 +246,7 @@ class ExampleRecord:
 
 
 TABLE_FIELDS = ["index", "label", "clean_pred", "defense", "patch", "pred", "correct", "certified", "margin",
-                "worst_window", "worst_row", "worst_col", "worst_class", "largest_square", "attacked", "success",
+                "worst_window", "worst_row", "worst_col", "worst_class", "worst_pair", "largest_square", "attacked", "success",
                 "adv_pred", "target", "attack_pixel", "attack_steps", "soundness_failure"]
 
 
@@ -242,8 +273,9 @@ def records_table(records: Any, path: str | os.PathLike | None = None) -> list[d
                     "index": d["index"], "label": d["label"], "clean_pred": d["clean_pred"], "defense": key,
                     "patch": patch, "pred": o["pred"], "correct": o["correct"], "certified": cert,
                     "margin": None if w is None else w.get("margin"),
-                    "worst_window": None if w is None else "x".join(map(str, w["window"])),
-                    "worst_row": None if w is None else w["row"], "worst_col": None if w is None else w["col"],
+                    "worst_window": None if w is None or "window" not in w else "x".join(map(str, w["window"])),
+                    "worst_row": None if w is None else w.get("row"), "worst_col": None if w is None else w.get("col"),
+                    "worst_pair": None if w is None or "pair" not in w else "x".join(map(str, w["pair"])),
                     "worst_class": None if w is None else w["class"], "largest_square": o.get("largest_square"),
                     "attacked": None if a is None else a.get("attacked"),
                     "success": None if a is None else a.get("success"),
@@ -437,6 +469,7 @@ class SummaryCounter:
         self.certified = [0] * len(self.template)
         self.shapes: list[dict[str, int]] = [{} for _ in self.template]
         self.sides: dict[str, dict[int, int]] = {k: {} for k in self.keys}  # largest square side -> count
+        self.searched: set[str] = set()  # defenses with a largest square in some record
         self.first_index: int | None = None
         self.last_index: int | None = None
 
@@ -451,8 +484,10 @@ class SummaryCounter:
                 for sh, b in (o.shapes.get(t.patch) or {}).items():
                     self.shapes[j][sh] = self.shapes[j].get(sh, 0) + bool(b)
             for k in self.keys:
-                side = r.defenses[k].largest_square or 0
-                self.sides[k][side] = self.sides[k].get(side, 0) + 1
+                side = r.defenses[k].largest_square
+                if side is not None:
+                    self.searched.add(k)
+                self.sides[k][side or 0] = self.sides[k].get(side or 0, 0) + 1
             self.undefended += r.clean_pred == r.label
             if self.first_index is None:
                 self.first_index = r.index
@@ -461,12 +496,16 @@ class SummaryCounter:
         return self
 
     def square_curves(self, cap: int) -> dict[str, list[float]]:
-        """Certified accuracy against an s x s patch, s = 1..cap, per defense key."""
+        """Certified accuracy against an s x s patch, s = 1..cap, per defense key (empty for a
+        defense whose records hold no largest square: not searched)."""
         n = self.n
         if cap < 1 or n == 0:
             return {k: [] for k in self.keys}
         out: dict[str, list[float]] = {}
         for k in self.keys:
+            if k not in self.searched:
+                out[k] = []
+                continue
             hist = self.sides[k]
             at_least = sum(c for side, c in hist.items() if side > cap)  # images certified at side >= s
             curve = []

@@ -240,6 +240,13 @@ class Objective:
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The defense a model trained with this objective is evaluated (and deployed) with, as
+        ``{"name": ..., **options}`` (``cfg``: the objective's options; ``windows``: the
+        evaluation threat's feature windows). Default: voting on the local argmax."""
+        return {"name": "voting", "binarize": "argmax", "condition": "3.2"}
+
     def describe(self) -> dict[str, Any]:
         """Resolved settings, for logs and checkpoint metadata."""
         return {"name": self.name}
@@ -287,6 +294,11 @@ class BagCertObjective(Objective):
     the start to 0 at that fraction of training (None: constant)."""
 
     name = "bagcert"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Sign voting, BagCert's Condition 3.2."""
+        return {"name": "voting", "binarize": "sign", "condition": "3.2"}
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], margin: float = 0.5, sigma: float = 0.0,
                  classes: str = "runner_up", dense_bce: float = 0.0, dense_until: float | None = None) -> None:
@@ -338,6 +350,15 @@ class PatchGuardObjective(Objective):
     """
 
     name = "patchguard"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Robust masking of clipped logits (T = 0) with a mask window covering every window."""
+        if not windows:
+            raise PatchcertError("the masking defense needs the evaluation patch window")
+        win = [max(w[0] for w in windows), max(w[1] for w in windows)]
+        return {"name": "masking", "window": win, "threshold": 0.0, "clip_max": cfg.get("clip_max"),
+                "features": "logits"}
 
     def __init__(
         self,
@@ -395,6 +416,11 @@ class DSObjective(Objective):
     """
 
     name = "ds"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Voting with softmax threshold 0.3 on wrap-around bands."""
+        return {"name": "voting", "binarize": 0.3, "condition": "3.2", "wrap": True}
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], mode: str | None = None, b: int | None = None) -> None:
@@ -438,6 +464,13 @@ class MaskCutoutObjective(Objective):
     """
 
     name = "mask_cutout"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Double masking with the objective's own mask set (``patch``, ``k``, ``fill``)."""
+        return {"name": "double-masking", "k": cfg.get("k", 6), "patch": str(cfg.get("patch", "5x5")),
+                "fill": cfg.get("fill", 0.5)}
+
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
