@@ -2,7 +2,7 @@
 
 A *defense* aggregates a score map ``[N, K, H, W]`` into a prediction ``long [N]`` and
 certifies, per image, that no patch confined to a feature window can change that prediction
-(``../shared/docs/certification.md`` is the exact definition of every certificate).
+(``docs/certification.md`` is the exact definition of every certificate).
 
 Margins
 -------

@@ -3,7 +3,7 @@
 Unlike the score-map defenses, double masking works on pixels. Its expensive pass runs the
 classifier on masked copies of each image and yields a per-image **table** of masked
 predictions; ``predict`` and ``certify`` then read the table (cheap, exact integer logic).
-The exact semantics are in ``docs/double-masking.md``; in short, with a mask set of ``M``
+The exact semantics are in ``docs/certification.md``; in short, with a mask set of ``M``
 masks (:mod:`patchcert.masks`) and ``T[i, j]`` the prediction on the image masked by masks
 ``i`` and ``j`` (``T[i, i]``: mask ``i`` alone; ``T`` is symmetric):
 
