@@ -260,9 +260,9 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
-    """Everything one certify call decided before any work."""
+    """Everything one certify call decided before any work (frozen: nothing changes it later)."""
 
     model: Any
     data: Any
@@ -295,8 +295,8 @@ class _Job:
         return "float32" if self.dtype == torch.float32 else "float64"
 
 
-def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
-              out_dir, save_scores, square_cap, square_method, seed, command) -> _Job:
+def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
+              out_dir, save_scores, square_cap, square_method, seed, command, num_workers) -> _Job:
     if scores is None:
         if model is not None and data is not None:
             data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
@@ -345,9 +345,12 @@ def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype,
         "geometry": src.geometry.to_dict(), "image_size": list(src.image_size),
         "shard": list(shard_t) if shard_t else None,
     })
-    return _Job(model, data, scores, src, prov, defense_plans, patch_plans, squares, start, num_examples, batch_size,
-                dtype, dev, shard_t, batches, lo, hi - lo, map_size, config, square_cap,  # type: ignore[arg-type]
-                square_method, bool(save_scores), seed, command)
+    return _Job(model=model, data=data, scores=scores, src=src, prov=prov, defense_plans=defense_plans,
+                patch_plans=patch_plans, squares=squares, start=start, num_examples=num_examples,
+                batch_size=batch_size, dtype=dtype, device=dev, shard=shard_t, batches=batches, lo=lo, total=hi - lo,
+                map_size=map_size, config=config, square_cap=square_cap,  # type: ignore[arg-type]
+                square_method=square_method, save_scores=bool(save_scores), seed=seed, command=command,
+                num_workers=num_workers)
 
 
 def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tuple[int, int] | None,
@@ -589,9 +592,10 @@ def certify_dataset(
     ``out_dir/records.jsonl``) and the summary is counted as the run goes, so memory does not grow
     with the number of examples either (the ``patchcert certify`` command runs this way).
     """
-    job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
-                    out_dir, save_scores, square_cap, square_method, seed, command)
-    job.num_workers = num_workers
+    job = _plan_job(model=model, data=data, scores=scores, defenses=defenses, patches=patches, batch_size=batch_size,
+                    device=device, dtype=dtype, num_examples=num_examples, start=start, shard=shard, out_dir=out_dir,
+                    save_scores=save_scores, square_cap=square_cap, square_method=square_method, seed=seed,
+                    command=command, num_workers=num_workers)
     with contextlib.ExitStack() as stack:
         run_dir: Path | None = None
         done: list[ExampleRecord] = []

@@ -97,7 +97,10 @@ def default_mask_shapes(plans: Sequence[PatchPlan]) -> list[tuple[int, int]]:
 
 def _build_one(s: Any, threat: Threat) -> DefensePlan:
     if isinstance(s, Defense):
-        if threat.wrap and s.evidence_source == "scores" and not s.wrap:
+        if s.evidence_source == "images":  # built for this run's threat (e.g. its mask set)
+            cls = type(s)
+            s = cls.for_threat(cls.options_from_json({k: v for k, v in s.config.items() if k != "name"}), threat)
+        elif threat.wrap and not s.wrap:
             raise PatchcertError(f"defense {s!s}: the score map's windows wrap around its edges (geometry.wrap); "
                                  "wrap=false would miss placements")
         return DefensePlan(s.key, s, jsonable({**s.config, **s.describe()}), s.key)
