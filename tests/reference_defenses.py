@@ -1,5 +1,5 @@
 """Brute-force reference defenses: plain Python loops over images, classes, placements and cells,
-following ``../shared/docs/certification.md`` literally. Slow by design; for tiny maps only.
+following ``docs/certification.md`` literally. Slow by design; for tiny maps only.
 
 Each ``*_predict`` returns a list of ints; each ``*_details`` returns a list (one per image) of
 dicts with the fields of :class:`patchcert.defenses.CertifyResult` as Python values, with the

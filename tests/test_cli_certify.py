@@ -66,8 +66,8 @@ def full_args(ckpt, out, *extra):
 
 # -- the --json contract and the files -------------------------------------------------------
 
-def _results(line: str) -> dict:
-    """The ``--json`` line of certify without its ``verb`` and ``out_dir`` (the summary's short form)."""
+def _short(line: str) -> dict:
+    """The run summary of a ``certify --json`` line (``{"verb", "n", "results", "out_dir"}``)."""
     obj = json.loads(line)
     assert obj.pop("verb") == "certify" and "out_dir" in obj
     obj.pop("out_dir")
@@ -148,8 +148,7 @@ def test_resume_after_truncated_records(tmp_path, capsys, ckpt):
     rc, out, err = cli(capsys, *full_args(ckpt, part), "--resume", "--json")
     assert rc == 0, err
     assert (part / RECORDS_FILE).read_bytes() == ref
-    assert _results(out.splitlines()[-1]) == json.loads(
-        json.dumps(load_run(tmp_path / "full")[0].short()))
+    assert _short(out.splitlines()[-1]) == json.loads(json.dumps(load_run(tmp_path / "full")[0].short()))
 
 
 def test_shards_then_merge(tmp_path, capsys, ckpt):
@@ -163,7 +162,7 @@ def test_shards_then_merge(tmp_path, capsys, ckpt):
     rc, out, err = cli(capsys, "--merge", run, "--json")
     assert rc == 0, err
     assert (run / RECORDS_FILE).read_bytes() == (tmp_path / "single" / RECORDS_FILE).read_bytes()
-    assert _results(out.splitlines()[-1]) == load_run(tmp_path / "single")[0].short()
+    assert _short(out.splitlines()[-1]) == load_run(tmp_path / "single")[0].short()
 
 
 def test_scores_round_trip(tmp_path, capsys, ckpt):
@@ -178,7 +177,7 @@ def test_scores_round_trip(tmp_path, capsys, ckpt):
     rc, out, err = cli(capsys, *args)
     assert rc == 0, err
     assert (tmp_path / "s" / RECORDS_FILE).read_bytes() == (tmp_path / "m" / RECORDS_FILE).read_bytes()
-    assert _results(out.splitlines()[-1]) == load_run(tmp_path / "m")[0].short()
+    assert _short(out.splitlines()[-1]) == load_run(tmp_path / "m")[0].short()
 
 
 def test_registry_model_is_random_with_a_warning(tmp_path, capsys, caplog):
@@ -347,7 +346,7 @@ def test_torchrun_two_ranks_merge_to_single_run(tmp_path, capsys, ckpt):
            "-m", "patchcert", "certify", *map(str, full_args(ckpt, tmp_path / "dist")), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    obj = _results(p.stdout.strip().splitlines()[-1])
+    obj = _short(p.stdout.strip().splitlines()[-1])
     assert obj == load_run(tmp_path / "single")[0].short()
     assert (tmp_path / "dist" / "shard-0-of-2" / SUMMARY_FILE).is_file()
     assert (tmp_path / "dist" / "shard-1-of-2" / SUMMARY_FILE).is_file()

@@ -35,7 +35,7 @@ def test_registry_and_public_names():
     from patchcert.defenses.base import _DEFENSES
 
     ours = [n for n in list_defenses() if getattr(_DEFENSES[n], "__module__", "").startswith("patchcert.")]
-    assert ours == ["clipping", "masking", "voting"]
+    assert ours == ["clipping", "double-masking", "masking", "voting"]
     assert patchcert.create_defense is create_defense
     from patchcert.defenses import Defense as D, check_scores as cs, register_defense  # noqa: F401
 

@@ -1,11 +1,13 @@
-"""Soundness over the whole registry (timm-style: iterate ``list_defenses()``).
+"""Soundness over the whole registry (timm-style: iterate ``list_defenses()``), both families.
 
 Every registered defense runs with each of its own ``example_configs()``:
-* the package's defenses against their plain-loop references (``reference_defenses.py``),
-  exactly, on random small maps;
+* the package's defenses against their plain-loop references, exactly: score-map defenses on
+  random small maps (``reference_defenses.py``), pixel defenses on tiny images with tiny exact
+  models (``reference_pixels.py``: every masked image built by hand);
 * every defense -- including ones registered by other test modules, such as the one-class
-  defense of ``test_custom_defense.py`` -- against an attack on tiny maps: crafted and random
-  contents at every placement of the window; a certified map must never be flipped.
+  defenses of ``test_custom_defense.py`` and ``test_custom_pixel_defense.py`` -- against brute
+  force: score maps with crafted and random contents at every placement of the window; images
+  with every binary patch content at every placement. A certified example must never be flipped.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import random
 import pytest
 import torch
 
+import itertools
+
 import reference_defenses as ref
-from patchcert.defenses import create_defense, list_defenses
+from patchcert.defenses import Threat, create_defense, list_defenses
 from patchcert.defenses.base import _DEFENSES
 from patchcert.errors import PatchcertError
+from patchcert.geometry import Geometry
+from patchcert.planning import plan_patches
+from reference_pixels import ExactNet, literal_certificate, literal_predict
 from test_defenses_properties import attack_all_placements, crafted_patterns
 from test_defenses_reference import compare, random_maps, random_windows
 
@@ -41,10 +48,21 @@ def _masking(s, y, windows, c):
 
 
 REFERENCES = {"voting": _voting, "clipping": _clipping, "masking": _masking}
+#: pixel defenses: the literal reference of their prediction and certificate (reference_pixels.py)
+PIXEL_REFERENCES = {"double-masking"}
 
 
-def _ours() -> list[str]:
-    return [n for n in list_defenses() if _DEFENSES[n].__module__.startswith("patchcert.")]
+def _family(n: str) -> str:
+    return _DEFENSES[n].evidence_source
+
+
+def _ours(family: str | None = None) -> list[str]:
+    return [n for n in list_defenses() if _DEFENSES[n].__module__.startswith("patchcert.")
+            and (family is None or _family(n) == family)]
+
+
+def _all(family: str) -> list[str]:
+    return [n for n in list_defenses() if _family(n) == family]
 
 
 def _cases(names):
@@ -58,7 +76,9 @@ def _id(case) -> str:
 def test_every_package_defense_has_examples_and_a_reference():
     for n in _ours():
         assert _DEFENSES[n].example_configs(), n
-        assert n in REFERENCES, f"defense {n!r} needs a plain-loop reference in reference_defenses.py"
+        refs = REFERENCES if _family(n) == "scores" else PIXEL_REFERENCES
+        assert n in refs, f"defense {n!r} needs a plain-loop reference (reference_defenses.py / reference_pixels.py)"
+    assert "double-masking" in _ours("images")
 
 
 def test_register_defense_refuses_a_duplicate_name():
@@ -69,7 +89,7 @@ def test_register_defense_refuses_a_duplicate_name():
     assert _DEFENSES["voting"].__name__ == "Voting"
 
 
-@pytest.mark.parametrize("case", _cases(_ours()), ids=_id)
+@pytest.mark.parametrize("case", _cases(_ours("scores")), ids=_id)
 def test_matches_the_reference(case):
     name, cfg = case
     d = create_defense(name, **cfg)
@@ -85,7 +105,7 @@ def test_matches_the_reference(case):
         compare(d, name, cfg, s, y, windows, rp, rd, tally)
 
 
-@pytest.mark.parametrize("case", _cases(list_defenses()), ids=_id)
+@pytest.mark.parametrize("case", _cases(_all("scores")), ids=_id)
 def test_attack_on_tiny_maps_never_flips_a_certificate(case):
     name, cfg = case
     d = create_defense(name, **cfg)
@@ -107,3 +127,68 @@ def test_attack_on_tiny_maps_never_flips_a_certificate(case):
                 assert bool((d.predict(maps) == y[i]).all()), (d.key, window, s[i].tolist(), int(y[i]))
                 checked += 1
     assert checked > 0, f"{d.key}: nothing certified on the tiny maps; the test would be vacuous"
+
+
+# -- the pixel family -------------------------------------------------------------------------
+
+SIZE, PATCH = 6, (2, 2)
+
+
+def _pixel_defense(name, cfg):
+    return _DEFENSES[name].for_threat(dict(cfg), Threat((SIZE, SIZE), shapes=(PATCH,), mask_shapes=(PATCH,)))
+
+
+def _tiny_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n, 1, SIZE, SIZE), generator=g).double() / 2  # values 0, .5, 1
+
+
+def _threat():
+    return plan_patches([f"{PATCH[0]}x{PATCH[1]}"], Geometry((None, None)), (SIZE, SIZE))[0]
+
+
+@pytest.mark.parametrize("case", _cases(_ours("images")), ids=_id)
+def test_pixel_defense_matches_the_literal_reference(case):
+    name, cfg = case
+    d = _pixel_defense(name, cfg)
+    x = _tiny_images(16, 5)
+    model = ExactNet(17).calibrate(x)
+    labels = torch.arange(16) % 3
+    ev = d.compute_evidence(model, x, None, labels)
+    pred = d.predict_evidence(ev)
+    cert = d.certify_threat(ev, labels, _threat()).certified
+    covered = not d.uncovered([PATCH])
+    for n in range(len(x)):
+        assert int(pred[n]) == literal_predict(model, x[n], d.masks, d.fill)
+        ok, _ = literal_certificate(model, x[n], d.masks, d.fill, int(labels[n]))
+        assert bool(cert[n]) == (ok and covered)
+
+
+def _all_patched(x: torch.Tensor) -> torch.Tensor:
+    """Every binary 2x2 patch content at every placement: ``[25 * 16, C, H, W]``."""
+    out = []
+    for top in range(SIZE - PATCH[0] + 1):
+        for left in range(SIZE - PATCH[1] + 1):
+            for c in itertools.product([0.0, 1.0], repeat=PATCH[0] * PATCH[1]):
+                xp = x.clone()
+                xp[:, top:top + PATCH[0], left:left + PATCH[1]] = torch.tensor(c, dtype=x.dtype).view(PATCH)
+                out.append(xp)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", _cases(_all("images")), ids=_id)
+def test_brute_force_patches_never_flip_a_pixel_certificate(case):
+    """Tiny exact models, 6x6 images: every binary 2x2 patch at every placement (400 patched
+    images per certified image) must leave the defended prediction at the label."""
+    name, cfg = case
+    d = _pixel_defense(name, cfg)
+    checked = 0
+    for seed in range(3):
+        x = _tiny_images(24, 100 + seed)
+        model = ExactNet(200 + seed).calibrate(x)
+        labels = d.predict_images(model, x)
+        cert = d.certify_threat(d.compute_evidence(model, x, None, labels), labels, _threat()).certified
+        for n in torch.nonzero(cert).flatten().tolist()[:3]:
+            assert bool((d.predict_images(model, _all_patched(x[n])) == labels[n]).all()), (d.key, seed, n)
+            checked += 1
+    assert checked > 0, f"{d.key}: nothing certified on the tiny images; the test would be vacuous"

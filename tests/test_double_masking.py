@@ -29,6 +29,7 @@ from patchcert.defenses.double_masking import (
 )
 from patchcert.errors import PatchcertError
 from patchcert.masks import apply_masks, axis_masks, mask_set, random_masks
+from reference_pixels import ExactNet, literal_predict, literal_table, table_predict_ref
 
 # -- references ------------------------------------------------------------------------------
 
@@ -45,94 +46,6 @@ def ref_axis(n: int, p: int, k: int) -> list[tuple[int, int]]:
         if (a, m) not in out:
             out.append((a, m))
     return out
-
-
-def literal_masked(x: torch.Tensor, rects, fill: float) -> torch.Tensor:
-    y = x.clone()
-    for (t, l, h, w) in rects:
-        y[:, t:t + h, l:l + w] = fill
-    return y
-
-
-def literal_predict(model, x: torch.Tensor, ms, fill: float) -> int:
-    """PatchCleanser's double masking for one image [C, H, W], as the paper writes it."""
-    def f(img):
-        return int(model(img[None]).flatten(1).argmax(1))
-
-    rects = ms.rects
-    one = [f(literal_masked(x, [r], fill)) for r in rects]
-    if all(v == one[0] for v in one):
-        return one[0]
-    counts: dict[int, int] = {}
-    for v in one:
-        counts[v] = counts.get(v, 0) + 1
-    best = max(counts.values())
-    maj = min(c for c, n in counts.items() if n == best)
-    for i, r in enumerate(rects):
-        if one[i] == maj:
-            continue
-        if all(f(literal_masked(x, [r, r2], fill)) == one[i] for r2 in rects):
-            return one[i]
-    return maj
-
-
-def literal_table(model, x: torch.Tensor, ms, fill: float) -> torch.Tensor:
-    m = len(ms)
-    t = torch.zeros(x.shape[0], m, m, dtype=torch.long)
-    for n in range(x.shape[0]):
-        for i in range(m):
-            for j in range(m):
-                img = literal_masked(x[n], [ms.rects[i], ms.rects[j]], fill)
-                t[n, i, j] = int(model(img[None]).flatten(1).argmax(1))
-    return t
-
-
-def table_predict_ref(table: torch.Tensor) -> list[int]:
-    out = []
-    for t in table.tolist():
-        m = len(t)
-        one = [t[i][i] for i in range(m)]
-        if all(v == one[0] for v in one):
-            out.append(one[0])
-            continue
-        counts: dict[int, int] = {}
-        for v in one:
-            counts[v] = counts.get(v, 0) + 1
-        best = max(counts.values())
-        maj = min(c for c, n in counts.items() if n == best)
-        res = maj
-        for i in range(m):
-            if one[i] != maj and all(t[i][j] == one[i] for j in range(m)):
-                res = one[i]
-                break
-        out.append(res)
-    return out
-
-
-class ExactNet(nn.Module):
-    """A tiny CNN in float64 with integer weights: inputs on a 1/2 grid give exact logits, so
-    the prediction of an image never depends on the batch it is evaluated in."""
-
-    def __init__(self, seed: int, k: int = 3, chans: int = 1) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(chans, 4, 3, padding=1, bias=False).double()
-        self.fc = nn.Linear(4, k, bias=False).double()
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randint(-2, 3, self.conv.weight.shape, generator=g).double())
-            self.fc.weight.copy_(torch.randint(-3, 4, self.fc.weight.shape, generator=g).double())
-
-        self.register_buffer("bias", torch.zeros(k, dtype=torch.float64))
-
-    def calibrate(self, x: torch.Tensor) -> "ExactNet":
-        """Integer class offsets that centre the logits on ``x``: predictions become fragile."""
-        with torch.no_grad():
-            self.bias.zero_()
-            self.bias.copy_(-self(x).mean(0).round())
-        return self
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x.double())).sum((2, 3))) + self.bias
 
 
 # -- mask sets -------------------------------------------------------------------------------
@@ -266,6 +179,8 @@ def test_bad_tables_and_labels_are_errors():
     with pytest.raises(PatchcertError, match="integer"):
         predict_from_table(torch.zeros(1, 2, 2))
     with pytest.raises(PatchcertError, match="negative"):
+        predict_from_table(-2 * torch.ones(1, 2, 2, dtype=torch.long))
+    with pytest.raises(PatchcertError, match="first-round"):  # -1: not evaluated, never in the first round
         predict_from_table(-torch.ones(1, 2, 2, dtype=torch.long))
     with pytest.raises(PatchcertError, match="labels"):
         certify_from_table(torch.zeros(2, 2, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
@@ -315,20 +230,35 @@ def test_exhaustive_patch_attack_never_flips_a_certified_example(seed):
 
 
 def test_defense_object_end_to_end_on_a_multi_shape_threat():
+    from patchcert.defenses import Threat, create_defense
+    from patchcert.geometry import Geometry
+    from patchcert.planning import plan_patches
+
     model = ExactNet(7)
     x = _tiny_images(6, 8, 3)
-    d = DoubleMasking(k=3, patch="area=4")
+    d = create_defense("double-masking", k=3, patch="area=4")
+    assert isinstance(d, DoubleMasking)
     ms = d.mask_set((8, 8))
+    d = d.bind(ms)
     shapes = [(1, 4), (2, 2), (4, 1)]
-    assert all(covers(ms, s) for s in shapes)
-    tab = d.table(model, x, ms)
-    pred = d.predict_table(tab)
-    assert torch.equal(pred, d.predict(model, x, ms))
-    cert = d.certify_table(tab, pred, ms, shapes)
-    assert torch.equal(cert, certify_from_table(tab, pred))
+    assert all(covers(ms, s) for s in shapes) and d.uncovered(shapes) == []
+    tab = d.table(model, x)
+    pred = d.predict_evidence(tab)
+    assert torch.equal(pred, d.predict_images(model, x))
+    threat = plan_patches(["area=4"], Geometry((None, None)), (8, 8))[0]
+    res = d.certify_threat(tab, pred, threat)
+    assert torch.equal(res.certified, certify_from_table(tab, pred))
+    assert res.per_shape is not None and res.per_shape.shape == (6, len(threat.shapes))
+    # the early-exit evidence answers the same
+    ev = d.compute_evidence(model, x, None, pred)
+    assert torch.equal(d.predict_evidence(ev), pred)
+    assert torch.equal(d.certify_threat(ev, pred, threat).certified, res.certified)
     # a threat the mask set does not cover is never certified
-    assert not d.certify_table(tab, pred, ms, [(5, 5)]).any()
+    big = plan_patches(["5x5"], Geometry((None, None)), (8, 8))[0]
+    assert not d.certify_threat(tab, pred, big).certified.any() and d.uncovered([(5, 5)]) == [(5, 5)]
     assert d.key == "double-masking(k=3,patch=area=4)"
+    assert DoubleMasking.for_threat({"k": 3}, Threat((8, 8), mask_shapes=((2, 2),))).masks.rects == \
+        mask_set((8, 8), (2, 2), 3).rects
 
 
 def test_apply_masks_per_channel_fill():
@@ -343,7 +273,7 @@ def test_apply_masks_per_channel_fill():
 
 
 def test_pgd_attack_never_breaks_a_certified_example_and_finds_breaks():
-    from patchcert.attacks.double_masking import attack_double_masking
+    from patchcert.attacks.pixels import attack_double_masking
 
     x = _tiny_images(30, 6, 11)
     model = ExactNet(211).calibrate(x)
@@ -452,6 +382,6 @@ def test_attack_dataset_attacks_double_masking_through_the_defense(tmp_path):
         a = o["attack"]["5x5"]
         assert a["attacked"] == o["correct"] and not (a["success"] and o["certified"]["5x5"])
         if a["attacked"]:
-            assert a["attempts"] >= 1 and a["steps"] == 20 * a["attempts"]
+            assert a["attempts"] >= 1 and a["steps"] == 100 * a["attempts"]  # the attack flags' defaults
     row = run.summary["results"][0]
     assert row["certified_accuracy"] <= row["robust_accuracy"] <= row["clean_accuracy"]

@@ -96,3 +96,23 @@ def test_greedy_cutout_picks_the_worst_candidates():
         i = max(range(9), key=lambda a: loss(x[0], table[a]))
         j = max(range(9), key=lambda b: loss(x[0], table[i] | table[b]))
     assert torch.equal(out[0], apply_masks(x[:1], (table[i] | table[j])[None], 0.5)[0])
+
+
+def test_training_evaluation_of_mask_cutout_certifies_with_double_masking():
+    """The objective names its deployed defense (double masking on its own mask set); the loop's
+    evaluation certifies a spread sample with it: the very certificates of a certify run."""
+    from patchcert.certify import certify_dataset
+    from patchcert.data import synthetic_dataset
+    from patchcert.train import default_eval_defense, evaluate
+
+    spec = default_eval_defense("mask_cutout", {"k": 2, "patch": "5x5"})
+    assert spec["name"] == "double-masking" and spec["k"] == 2
+    torch.manual_seed(3)
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    data = synthetic_dataset(n=5, num_classes=3, size=32)
+    ev = evaluate(m, data, "5x5", torch.device("cpu"), batch_size=2, defense=spec)
+    run = certify_dataset(m, data, defenses=["double-masking:k=2,patch=5x5"], patches=["5x5"], square_cap=0,
+                          device="cpu")
+    row = run.summary.results[0]
+    assert ev["cert_acc"] == pytest.approx(row.certified_accuracy)  # 5 images < 64: all of them
+    assert ev["clean_acc"] == pytest.approx(row.clean_accuracy)

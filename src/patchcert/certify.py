@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -35,13 +34,27 @@ import torch
 import torch.nn as nn
 
 from . import rundir
-from .checkpoint import atomic_write_bytes, file_sha256, load_tensors, save_tensors, versions
+from .checkpoint import file_sha256, load_tensors, save_tensors, versions
 from .data import ImageSource, as_image_dataset, to_float
-from .defenses import Defense, create_defense
+from .batch import Timer as _Timer
+from .batch import batch_evidence, certify_batch
 from .errors import PatchcertError
-from .geometry import Geometry, PatchSpec, parse_patch
+from .geometry import Geometry, PatchSpec
+from .planning import (
+    DefensePlan,
+    PatchPlan,
+    build_defenses,
+    check_sources,
+    default_mask_shapes,
+    plan_patches,
+    plan_threat,
+)
 from .runtime import precise_math
 from .selection import dataset_indices
+from .skipping import SKIPPED_FILE, not_recorded, record_skipped, resume_skipped  # noqa: F401  (SKIPPED_FILE: re-exported)
+from .specs import DefenseSpec, parse_defense_spec
+from .specs import jsonable as _jsonable
+from .squares import largest_certified_square, square_summary, square_windows
 from .results import (
     CONFIG_FILE,
     PROGRESS_FILE,
@@ -70,7 +83,6 @@ from .results import (
 
 log = logging.getLogger(__name__)
 
-SKIPPED_FILE = "skipped.jsonl"  # unreadable images skipped by skip_bad_images, one JSON object per line
 
 __all__ = [
     "DefenseSpec",
@@ -89,509 +101,10 @@ __all__ = [
     "certify_dataset",
     "shard_batches",
     "DTYPES",
-    "PIXEL_DEFENSES",
     "default_mask_shapes",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-# -- defense specs -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DefenseSpec:
-    """A defense as the user wrote it: ``NAME[:KEY=VALUE[,KEY=VALUE...]]``."""
-
-    name: str
-    params: dict[str, Any]
-    text: str
-
-
-_INT = re.compile(r"^[+-]?\d+$")
-_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
-_PAIR_X = re.compile(r"^(\d+)[xX](\d+)$")
-_NUM = r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?"
-_RANGE = re.compile(rf"^({_NUM}):({_NUM})$")
-
-
-def _parse_value(v: str) -> Any:
-    """``3`` -> int, ``0.2`` -> float, ``true``/``false`` -> bool, ``none`` -> None,
-    ``11x11`` -> (11, 11), ``-1:1`` -> (-1.0, 1.0), anything else -> str."""
-    s = v.strip()
-    low = s.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    if _INT.match(s):
-        return int(s)
-    if _FLOAT.match(s):
-        return float(s)
-    m = _PAIR_X.match(s)
-    if m:
-        return (int(m.group(1)), int(m.group(2)))
-    m = _RANGE.match(s)
-    if m:
-        return (float(m.group(1)), float(m.group(2)))
-    return s
-
-
-def parse_defense_spec(text: str | DefenseSpec) -> DefenseSpec:
-    """Parse ``voting``, ``voting:condition=3.3``, ``masking:threshold=0.0,features=logits``,
-    ``clipping:clip=-1:1`` ... (values: int, float, true/false, none, ``AxB`` pair, ``lo:hi``
-    range, else a string). Raises a one-line PatchcertError when malformed."""
-    if isinstance(text, DefenseSpec):
-        return text
-    if not isinstance(text, str) or not text.strip():
-        raise PatchcertError(f"defense spec must be a non-empty string like 'voting' or 'masking:threshold=0', got {text!r}")
-    name, _, rest = text.strip().partition(":")
-    name = name.strip()
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", name):
-        raise PatchcertError(f"malformed defense spec {text!r}: expected NAME[:KEY=VALUE,...]")
-    params: dict[str, Any] = {}
-    if rest.strip():
-        for item in rest.split(","):
-            k, eq, v = item.partition("=")
-            k = k.strip()
-            if not eq or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) or not v.strip():
-                raise PatchcertError(f"malformed defense spec {text!r}: {item.strip()!r} is not KEY=VALUE")
-            if k in params:
-                raise PatchcertError(f"malformed defense spec {text!r}: {k!r} given twice")
-            params[k] = _parse_value(v)
-    elif _:
-        raise PatchcertError(f"malformed defense spec {text!r}: nothing after ':'")
-    return DefenseSpec(name, params, text.strip())
-
-
-@dataclass
-class DefensePlan:
-    """A built defense: its stable ``key`` (record/summary label) and JSON ``config``."""
-
-    key: str
-    defense: Any
-    config: dict[str, Any]
-    spec: str
-    #: double masking: the mask set (the defense works on pixels and needs the model)
-    mask_set: Any = None
-
-    @property
-    def on_pixels(self) -> bool:
-        return self.mask_set is not None
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
-
-
-PIXEL_DEFENSES = ("double-masking", "double_masking")
-
-
-def _build_double_masking(spec: DefenseSpec, image_size: tuple[int, int] | None,
-                          default_shapes: Sequence[tuple[int, int]] | None) -> DefensePlan:
-    from .defenses.double_masking import DoubleMasking
-
-    params = dict(spec.params)
-    allowed = ("k", "fill", "patch", "bf16")
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise PatchcertError(f"defense {spec.text!r}: unknown option(s) {', '.join(unknown)}; options: "
-                             f"{', '.join(allowed)}")
-    if "patch" in params and not isinstance(params["patch"], str):
-        p = params["patch"]
-        params["patch"] = f"{p[0]}x{p[1]}" if isinstance(p, tuple) else str(p)
-    try:
-        d = DoubleMasking(**params)
-        if image_size is None:
-            raise PatchcertError("double masking needs the image size")
-        ms = d.mask_set(image_size, default_shapes)
-    except PatchcertError as e:
-        raise PatchcertError(f"defense {spec.text!r}: {e}") from None
-    cfg = {**d.config, "masks": len(ms)}
-    return DefensePlan(d.key, d, cfg, spec.text, mask_set=ms)
-
-
-def default_mask_shapes(plans: Sequence["PatchPlan"]) -> list[tuple[int, int]]:
-    """The shapes a double-masking defense without ``patch=`` builds its mask set for: the
-    bounding shape of the requested patches if each threat is one shape (a mask set for a
-    ``ph x pw`` patch covers every smaller one), else the union of every requested shape."""
-    if all(len(p.shapes) == 1 for p in plans):
-        return [(max(p.shapes[0][0] for p in plans), max(p.shapes[0][1] for p in plans))]
-    out: list[tuple[int, int]] = []
-    for p in plans:
-        out += [s for s in p.shapes if s not in out]
-    return out
-
-
-def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None,
-                   wrap: bool = False, image_size: tuple[int, int] | None = None,
-                   default_shapes: Sequence[tuple[int, int]] | None = None) -> list[DefensePlan]:
-    """Build every defense up front (bad names/parameters fail here, before any work).
-
-    ``default_window``: the feature window given to a masking defense whose spec sets no
-    ``window`` (the run passes the window covering its largest requested patch).
-    ``wrap``: the score map's windows wrap around its edges (``geometry.wrap``, De-randomized
-    smoothing's bands): specs that do not say ``wrap`` get ``wrap=True``, and a defense with
-    ``wrap=False`` is refused -- it would skip the wrapping placements, an unsound certificate.
-    """
-    if not specs:
-        raise PatchcertError("no defense given")
-    plans: list[DefensePlan] = []
-    for s in specs:
-        if isinstance(s, (str, DefenseSpec)) and parse_defense_spec(s).name in PIXEL_DEFENSES:
-            plan = _build_double_masking(parse_defense_spec(s), image_size, default_shapes)
-            if any(p.key == plan.key for p in plans):
-                raise PatchcertError(f"defense {plan.key!r} requested twice")
-            plans.append(plan)
-            continue
-        if isinstance(s, (str, DefenseSpec)):
-            spec = parse_defense_spec(s)
-            params = dict(spec.params)
-            if wrap and "wrap" not in params:
-                params["wrap"] = True
-            if spec.name == "masking" and "window" not in params and default_window is not None:
-                params["window"] = tuple(default_window)
-                log.info("%s: mask window %dx%d (covers every requested patch window; set window=HxW to "
-                         "choose)", spec.text, *default_window)
-            try:
-                d = create_defense(spec.name, **params)
-            except PatchcertError as e:
-                raise PatchcertError(f"defense {spec.text!r}: {e}") from None
-            except (TypeError, ValueError) as e:
-                raise PatchcertError(f"defense {spec.text!r}: bad parameters ({e})") from None
-        elif isinstance(s, Defense):
-            spec, d = None, s
-        else:
-            raise PatchcertError(f"a defense must be a spec string like 'voting' or a patchcert Defense, got {s!r}")
-        if wrap and not d.wrap:
-            raise PatchcertError(f"defense {spec.text if spec else d!s}: the score map's windows wrap around its edges "
-                                 "(geometry.wrap); wrap=false would miss placements")
-        if any(p.key == d.key for p in plans):
-            raise PatchcertError(f"defense {d.key!r} requested twice")
-        plans.append(DefensePlan(d.key, d, _jsonable(d.config), spec.text if spec else d.key))
-    return plans
-
-
-# -- patch specs -------------------------------------------------------------------------
-
-@dataclass
-class PatchPlan:
-    """A patch threat resolved for one geometry and image size.
-
-    ``shapes``: the pixel rectangles ``(ph, pw)``; ``windows``: their distinct feature windows
-    ``(wh, ww)``; ``shape_window[j]``: the index in ``windows`` of ``shapes[j]``.
-    """
-
-    text: str
-    spec: PatchSpec
-    shapes: list[tuple[int, int]]
-    windows: list[tuple[int, int]]
-    shape_window: list[int]
-    resolved: str
-
-
-def plan_patches(patches: Sequence[str | PatchSpec], geometry: Geometry, image_size: tuple[int, int]
-                 ) -> list[PatchPlan]:
-    """Parse and resolve every patch spec; one-line PatchcertError when malformed or too big."""
-    if not patches:
-        raise PatchcertError("no patch given")
-    plans: list[PatchPlan] = []
-    for p in patches:
-        try:
-            spec = parse_patch(p)
-            shapes = spec.shapes(image_size)
-        except PatchcertError:
-            raise
-        except ValueError as e:
-            raise PatchcertError(str(e)) from None
-        if any(q.text == spec.text for q in plans):
-            raise PatchcertError(f"patch {spec.text!r} requested twice")
-        windows: list[tuple[int, int]] = []
-        idx = []
-        for sh in shapes:
-            w = geometry.window(sh)
-            if w not in windows:
-                windows.append(w)
-            idx.append(windows.index(w))
-        plans.append(PatchPlan(spec.text, spec, shapes, windows, idx, ",".join(f"{a}x{b}" for a, b in shapes)))
-    return plans
-
-
-def _covering_window(plans: Sequence[PatchPlan]) -> tuple[int, int]:
-    return (max(w[0] for p in plans for w in p.windows), max(w[1] for p in plans for w in p.windows))
-
-
-def plan_threat(defenses: Sequence[str | DefenseSpec | Any], patches: Sequence[str | PatchSpec],
-                geometry: Geometry, image_size: tuple[int, int]) -> tuple[list[DefensePlan], list[PatchPlan]]:
-    """The defenses and patches of a run, exactly as every verb (certify, attack, training
-    evaluation) must build them for one model: patch specs resolved on ``geometry``, masking's
-    default window covering every patch window, and ``wrap`` from the geometry (a wrapping map
-    -- De-randomized smoothing -- gets wrapping defenses; a non-wrapping defense is refused)."""
-    patch_plans = plan_patches(patches, geometry, image_size)
-    defense_plans = build_defenses(defenses, default_window=_covering_window(patch_plans), wrap=geometry.wrap,
-                                   image_size=tuple(image_size), default_shapes=default_mask_shapes(patch_plans))
-    return defense_plans, patch_plans
-
-
-def square_windows(geometry: Geometry, cap: int) -> list[tuple[int, int]]:
-    """Feature window of an ``s x s`` pixel patch for ``s = 1..cap``."""
-    return [geometry.window((s, s)) for s in range(1, cap + 1)]
-
-
-# -- one batch ---------------------------------------------------------------------------
-
-def largest_certified_square(defense: Any, scores: torch.Tensor, labels: torch.Tensor,
-                             windows: Sequence[tuple[int, int]], method: str = "bisect",
-                             known: Mapping[tuple[int, int], torch.Tensor] | None = None,
-                             pred: torch.Tensor | None = None) -> torch.Tensor:
-    """Largest side ``s`` in ``1..len(windows)`` whose square patch is certified, per image.
-
-    ``windows[s-1]`` is the feature window of an ``s x s`` patch (non-decreasing in ``s``).
-    Returns long ``[N]`` (0: not even ``1x1`` certified). Exact when certification is monotone
-    in the window, which holds for every defense here (a larger window contains every
-    placement of a smaller one); either way the returned side was itself certified (or is
-    implied by ``known`` through that monotonicity).
-
-    What makes it cheap (nothing here changes an answer):
-
-    * ``pred``: the defense's predictions (``certify`` implies ``pred == label``): images
-      predicted wrongly get 0 without any certification;
-    * ``known``: certificates already computed on these maps, ``{window: bool [N]}`` (e.g. the
-      requested patches' windows): certified at ``K`` implies certified at every window inside
-      ``K``, not certified at ``K`` implies not certified at every window containing it;
-    * ``defense.window_class(w)``: windows with the same class are certified alike (masking:
-      every window inside the mask window), so each class is certified at most once per image;
-    * ``method="bisect"``: a vectorised bisection over the distinct windows for the images
-      whose answer is still open (each step certifies every open image once, grouped by the
-      window it asks about).
-
-    ``method="scan"`` is the straightforward reference: it certifies every distinct window for
-    every image (ignoring ``known``, ``pred`` and window classes) and returns the largest side
-    whose window and all smaller ones are certified.
-    """
-    n = scores.shape[0]
-    dev = scores.device
-    if n == 0 or not windows:
-        return torch.zeros(n, dtype=torch.long, device=dev)
-    if method not in ("bisect", "scan"):
-        raise PatchcertError(f"unknown method {method!r}; use 'bisect' or 'scan'")
-    distinct: list[tuple[int, int]] = []
-    last_side: list[int] = []
-    for s, w in enumerate(windows, 1):
-        w = (int(w[0]), int(w[1]))
-        if distinct and distinct[-1] == w:
-            last_side[-1] = s
-        else:
-            if distinct and (w[0] < distinct[-1][0] or w[1] < distinct[-1][1]):
-                raise PatchcertError("square windows must grow with the side")
-            distinct.append(w)
-            last_side.append(s)
-    m = len(distinct)
-    side_of = torch.tensor([0] + last_side, dtype=torch.long, device=dev)  # index j+1 -> side
-    wclass = getattr(defense, "window_class", lambda w: tuple(w))
-    keys = [wclass(w) for w in distinct]
-    span = {}  # class -> (first j, last j): windows grow, so a class is certified alike on its span
-    for j, k in enumerate(keys):
-        span[k] = (span[k][0] if k in span else j, j)
-    lo = torch.full((n,), -1, dtype=torch.long, device=dev)  # largest j known certified
-    hi = torch.full((n,), m, dtype=torch.long, device=dev)   # smallest j known not certified
-
-    def learn(j_lo: int, j_hi: int, ok: torch.Tensor, sel: torch.Tensor | None = None) -> None:
-        """``ok`` (bool, over ``sel`` or all images): certified at every j <= j_lo if ok, not
-        certified at any j >= j_hi if not."""
-        if sel is None:
-            lo.copy_(torch.where(ok, lo.clamp(min=j_lo), lo))
-            hi.copy_(torch.where(ok, hi, hi.clamp(max=j_hi)))
-        else:
-            lo[sel] = torch.where(ok, lo[sel].clamp(min=j_lo), lo[sel])
-            hi[sel] = torch.where(ok, hi[sel], hi[sel].clamp(max=j_hi))
-
-    if pred is not None:
-        learn(-1, 0, pred.to(dev) == labels)
-    for K, ok in (known or {}).items():
-        ok = ok.to(device=dev, dtype=torch.bool)
-        inside = [j for j, w in enumerate(distinct) if w[0] <= K[0] and w[1] <= K[1]]
-        around = [j for j, w in enumerate(distinct) if w[0] >= K[0] and w[1] >= K[1]]
-        kk = wclass(tuple(K))
-        same = [j for j, k in enumerate(keys) if k == kk]
-        j_lo = max(inside + same, default=-1)
-        j_hi = min(around + same, default=m)
-        learn(j_lo, j_hi, ok)
-
-    def certify_at(j: int, sel: torch.Tensor) -> None:
-        ok = defense.certify(scores[sel], labels[sel], [distinct[j]]).to(torch.bool)
-        first, last = span[keys[j]]
-        learn(last, first, ok, sel)
-
-    if method == "scan":  # the straightforward reference: no shortcut at all
-        ok = torch.stack([defense.certify(scores, labels, [w]).to(torch.bool) for w in distinct], 1)
-        return side_of[ok.long().cumprod(1).sum(1)]
-    while True:
-        active = hi - lo > 1
-        if not bool(active.any()):
-            break
-        mid = torch.div(lo + hi, 2, rounding_mode="floor")
-        for j in torch.unique(mid[active]).tolist():
-            certify_at(j, torch.nonzero(active & (mid == j)).flatten())
-    return side_of[lo + 1]
-
-
-def square_summary(curve: Sequence[float]) -> str:
-    """One line describing the largest certified square from a square curve (``curve[s-1]``:
-    fraction of all images certified against an ``s x s`` patch, non-increasing): the mean
-    largest certified side over all images (0 for images certified against no square; the
-    mean of a non-negative integer is the sum of its tail fractions), the fraction certified at
-    each size up to the first size where none is, and the largest size any image reaches."""
-    cap = len(curve)
-    if cap == 0:
-        return "no square searched"
-    mean = float(sum(curve))
-    reached = max((s for s, v in enumerate(curve, 1) if v > 0), default=0)
-    def pct(v: float) -> str:
-        return f"{100 * v:.1f}%" if v == 0 or v >= 0.001 else f"{100 * v:.2g}%"
-
-    parts = [f"{s}x{s} {pct(v)}" for s, v in enumerate(curve[: reached + 1], 1)]
-    if len(parts) > 12:  # keep the line short: the first sizes, then every few
-        step = -(-len(parts) // 10)
-        parts = parts[:4] + parts[4:-1:step] + parts[-1:]
-    if reached == 0:
-        dist = "none certified even at 1x1"
-    else:
-        dist = "certified at " + ", ".join(parts)
-        dist += f" (largest: {reached}x{reached}" + (")" if reached < cap else ", the search cap)")
-    return f"largest certified square: mean side {mean:.2f} px over all images; {dist}; searched up to {cap}x{cap}"
-
-
-class _Timer:
-    """Accumulated seconds by name (synchronising CUDA around each measured block)."""
-
-    def __init__(self, device: torch.device, totals: dict[str, float] | None = None) -> None:
-        self.device = device
-        self.totals: dict[str, float] = dict(totals or {})
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + seconds
-
-
-def certify_batch(scores: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
-                  defenses: Sequence[DefensePlan], patches: Sequence[PatchPlan],
-                  squares: Sequence[tuple[int, int]] | None = None, timer: _Timer | None = None,
-                  square_method: str = "bisect", tables: Mapping[str, torch.Tensor] | None = None
-                  ) -> list[ExampleRecord]:
-    """Certify one batch of score maps against every defense and patch.
-
-    ``tables``: for pixel defenses (double masking), the batch's masked-prediction tables
-    ``[B, M, M]`` by defense key (:func:`patchcert.defenses.double_masking.masked_prediction_table`).
-
-    ``scores`` float ``[B, K, H, W]`` (the dtype the defenses compute in), ``labels`` long
-    ``[B]`` on the same device, ``indices`` the B dataset indices. ``squares``: windows of
-    ``s x s`` patches for ``s = 1..cap`` (None: no largest-square search). Returns B records.
-    """
-    timer = timer or _Timer(scores.device)
-    B = scores.shape[0]
-    clean_pred = scores.to(torch.float64).mean((2, 3)).argmax(1).tolist()
-    lab = labels.tolist()
-    per_def: dict[str, dict[str, Any]] = {}
-    for dp in defenses:
-        d = dp.defense
-        if dp.on_pixels:
-            if tables is None or dp.key not in tables:
-                raise PatchcertError(f"{dp.key} works on images: it needs the model (a score file holds no "
-                                     "masked predictions)")
-            per_def[dp.key] = _certify_table_batch(dp, tables[dp.key], labels, patches, timer)
-            continue
-        timer.sync()
-        t0 = time.perf_counter()
-        pred = d.predict(scores)
-        timer.sync()
-        timer.add(f"{dp.key}|predict", time.perf_counter() - t0)
-        out: dict[str, Any] = {"pred": pred.tolist(), "patches": {}}
-        known: dict[tuple[int, int], torch.Tensor] = {}  # certificates the square search can reuse
-        for pp in patches:
-            t0 = time.perf_counter()
-            det = d.certify_details(scores, labels, pp.windows)
-            timer.sync()
-            timer.add(f"{dp.key}|patch|{pp.text}", time.perf_counter() - t0)
-            cert = det.certified.to(torch.bool)
-            for i, w in enumerate(pp.windows):
-                known[tuple(w)] = det.per_window[:, i].to(torch.bool)
-            if bool((cert & (pred != labels)).any()):
-                bad = int(torch.nonzero(cert & (pred != labels))[0])
-                raise RuntimeError(f"internal error: {dp.key} certified example {indices[bad]} for {pp.text} "
-                                   "but predicts another class (please report)")
-            entry: dict[str, Any] = {"certified": cert.tolist(), "shapes": None}
-            margin = det.margin.tolist()
-            wi, rr, cc, wc = det.window_index.tolist(), det.row.tolist(), det.col.tolist(), det.worst_class.tolist()
-            entry["worst"] = [WorstCase(margin[i], pp.windows[wi[i]], rr[i], cc[i], wc[i])
-                              if 0 <= wi[i] < len(pp.windows) else None for i in range(B)]
-            if len(pp.shapes) > 1:
-                pw = det.per_window.to(torch.bool)[:, pp.shape_window].tolist()  # [B, shapes]
-                names = [f"{a}x{b}" for a, b in pp.shapes]
-                entry["shapes"] = [dict(zip(names, row)) for row in pw]
-            out["patches"][pp.text] = entry
-        if squares:
-            t0 = time.perf_counter()
-            ls = largest_certified_square(d, scores, labels, squares, method=square_method,
-                                          known=known, pred=pred).tolist()
-            timer.sync()
-            timer.add(f"{dp.key}|largest_square", time.perf_counter() - t0)
-        else:
-            ls = [None] * B
-        out["largest_square"] = ls
-        per_def[dp.key] = out
-    records = []
-    for i in range(B):
-        defs = {}
-        for dp in defenses:
-            o = per_def[dp.key]
-            defs[dp.key] = DefenseOutcome(
-                pred=o["pred"][i], correct=o["pred"][i] == lab[i],
-                certified={p: o["patches"][p]["certified"][i] for p in o["patches"]},
-                worst={p: o["patches"][p]["worst"][i] for p in o["patches"]},
-                largest_square=o["largest_square"][i],
-                shapes={p: o["patches"][p]["shapes"][i] for p in o["patches"] if o["patches"][p]["shapes"]},
-            )
-        records.append(ExampleRecord(int(indices[i]), lab[i], clean_pred[i], defs))
-    return records
-
-
-def _certify_table_batch(dp: DefensePlan, table: torch.Tensor, labels: torch.Tensor,
-                         patches: Sequence[PatchPlan], timer: _Timer) -> dict[str, Any]:
-    """Double masking on one batch: prediction and, per patch threat, the certificate (every
-    shape covered by the mask set and every two-mask prediction equal to the label)."""
-    from .defenses.double_masking import certify_from_table, covers
-
-    d = dp.defense
-    t0 = time.perf_counter()
-    pred = d.predict_table(table)
-    timer.add(f"{dp.key}|predict", time.perf_counter() - t0)
-    B = table.shape[0]
-    out: dict[str, Any] = {"pred": pred.tolist(), "patches": {}, "largest_square": [None] * B}
-    all_pairs = certify_from_table(table, labels.to(table.device))  # the same for every threat
-    for pp in patches:
-        t0 = time.perf_counter()
-        cov = [covers(dp.mask_set, s) for s in pp.shapes]
-        cert = (all_pairs & all(cov)).tolist()
-        timer.add(f"{dp.key}|patch|{pp.text}", time.perf_counter() - t0)
-        entry: dict[str, Any] = {"certified": cert, "worst": [None] * B, "shapes": None}
-        if len(pp.shapes) > 1:
-            names = [f"{a}x{b}" for a, b in pp.shapes]
-            entry["shapes"] = [{n: bool(c) and ok for n, ok in zip(names, cov)} for c in all_pairs.tolist()]
-        out["patches"][pp.text] = entry
-    return out
 
 
 # -- the dataset loop --------------------------------------------------------------------
@@ -752,34 +265,9 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _warn_oversized(patch_plans: Sequence[PatchPlan], map_size: tuple[int, int]) -> None:
-    H, W = map_size
-    for pp in patch_plans:
-        for w in pp.windows:
-            if H and (w[0] > H or w[1] > W):
-                log.warning("patch %s: window %dx%d is larger than the %dx%d score map; nothing can be certified",
-                            pp.text, w[0], w[1], H, W)
-
-
-def _check_pixel_plans(defense_plans: Sequence[DefensePlan], patch_plans: Sequence[PatchPlan],
-                       scores: ScoreFile | None) -> None:
-    pixel_plans = [dp for dp in defense_plans if dp.on_pixels]
-    if pixel_plans and scores is not None:
-        raise PatchcertError(f"{pixel_plans[0].key} works on images and needs the model; a score file holds only "
-                             "score maps")
-    for dp in pixel_plans:
-        from .defenses.double_masking import covers
-
-        for pp in patch_plans:
-            bad = [f"{a}x{b}" for a, b in pp.shapes if not covers(dp.mask_set, (a, b))]
-            if bad:
-                log.warning("%s: its mask set does not cover patch %s (%s); nothing is certified for it",
-                            dp.key, pp.text, ", ".join(bad))
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Job:
-    """Everything one certify call decided before any work."""
+    """Everything one certify call decided before any work (frozen: nothing changes it later)."""
 
     model: Any
     data: Any
@@ -810,16 +298,12 @@ class _Job:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {index, reason}, in order
 
     @property
-    def pixel_plans(self) -> list[DefensePlan]:
-        return [dp for dp in self.defense_plans if dp.on_pixels]
-
-    @property
     def dtype_name(self) -> str:
         return "float32" if self.dtype == torch.float32 else "float64"
 
 
-def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
-              out_dir, save_scores, square_cap, square_method, seed, command) -> _Job:
+def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
+              out_dir, save_scores, square_cap, square_method, seed, command, num_workers) -> _Job:
     if scores is None:
         if model is not None and data is not None:
             data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
@@ -842,7 +326,6 @@ def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype,
     if save_scores and out_dir is None:
         raise PatchcertError("save_scores needs an output directory")
     defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
-    _check_pixel_plans(defense_plans, patch_plans, scores)
     squares = square_windows(src.geometry, square_cap) if square_cap > 0 else None
     prov = _provenance(model, data, scores)
     nb = math.ceil(num_examples / batch_size)
@@ -855,7 +338,7 @@ def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype,
         map_size = (int(scores.scores.shape[-2]), int(scores.scores.shape[-1]))
     else:
         map_size = tuple(model.map_size(src.image_size)) if hasattr(model, "map_size") else (0, 0)
-    _warn_oversized(patch_plans, map_size)  # type: ignore[arg-type]
+    check_sources(defense_plans, patch_plans, scores is None, map_size)  # type: ignore[arg-type]
     dtype_name = "float32" if dtype == torch.float32 else "float64"
     config = _jsonable({
         "format": 1,
@@ -869,9 +352,12 @@ def _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype,
         "geometry": src.geometry.to_dict(), "image_size": list(src.image_size),
         "shard": list(shard_t) if shard_t else None,
     })
-    return _Job(model, data, scores, src, prov, defense_plans, patch_plans, squares, start, num_examples, batch_size,
-                dtype, dev, shard_t, batches, lo, hi - lo, map_size, config, square_cap,  # type: ignore[arg-type]
-                square_method, bool(save_scores), seed, command)
+    return _Job(model=model, data=data, scores=scores, src=src, prov=prov, defense_plans=defense_plans,
+                patch_plans=patch_plans, squares=squares, start=start, num_examples=num_examples,
+                batch_size=batch_size, dtype=dtype, device=dev, shard=shard_t, batches=batches, lo=lo, total=hi - lo,
+                map_size=map_size, config=config, square_cap=square_cap,  # type: ignore[arg-type]
+                square_method=square_method, save_scores=bool(save_scores), seed=seed, command=command,
+                num_workers=num_workers)
 
 
 def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tuple[int, int] | None,
@@ -903,7 +389,7 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         return [], {}
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    job.skipped = _resume_skipped(job, run_dir, first, [r.index for r in done])
+    job.skipped = resume_skipped(job.data, run_dir, first, job.total, [r.index for r in done])
     skipped = {int(s["index"]) for s in job.skipped}
     window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(skipped), job.total)))
     expect = [i for i in window.tolist() if i not in skipped]
@@ -920,29 +406,6 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
     log.info("resuming %s: %d/%d examples done", run_dir, len(done), job.total)
     return done, timing
-
-
-def _resume_skipped(job: _Job, run_dir: Path, first: int, done: list[int]) -> list[dict[str, Any]]:
-    """The unreadable images an interrupted run skipped (``skipped.jsonl``), as far as its records
-    reach: a batch's skipped images are written before its records, so entries past the last
-    recorded batch are dropped (that batch is read again). Entries and ``done`` hold dataset
-    indices; the run covers positions ``first, first + 1, ...`` (of a selection, if any)."""
-    p = run_dir / SKIPPED_FILE
-    if not p.exists():
-        return []
-    entries = rundir.read_jsonl(p, tail="repair")
-    if not all(isinstance(e.get("index"), int) and isinstance(e.get("reason"), str) for e in entries):
-        raise PatchcertError(f"cannot resume {run_dir}: {SKIPPED_FILE} is corrupt")
-    have = set(done) | {int(e["index"]) for e in entries}
-    window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(entries), job.total))).tolist()
-    end = 0
-    while end < len(window) and window[end] in have:
-        end += 1
-    reach = set(window[:end])
-    keep = [e for e in entries if int(e["index"]) in reach]
-    if len(keep) != len(entries):
-        atomic_write_bytes(p, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in keep).encode())
-    return keep
 
 
 def _finished_run(job: _Job, run_dir: Path, ndone: int) -> Summary | None:
@@ -999,18 +462,6 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
     return smap, y, idx, x
 
 
-def _pixel_tables(job: _Job, x: torch.Tensor | None, timer: _Timer) -> dict[str, torch.Tensor]:
-    """Double masking: the model on every two-mask image of the batch, per pixel defense."""
-    tables = {}
-    for dp in job.pixel_plans:
-        timer.sync()
-        t0 = time.perf_counter()
-        tables[dp.key] = dp.defense.table(job.model, x, dp.mask_set)
-        timer.sync()
-        timer.add(f"{dp.key}|table", time.perf_counter() - t0)
-    return tables
-
-
 def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord], ndone: int, timer: _Timer,
                   progress: Callable[[int, int], None] | None, counter: SummaryCounter,
                   keep: bool = True) -> list[ExampleRecord]:
@@ -1051,20 +502,20 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
                                  {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
                 if smap is not None:  # never round the map down: a float64 model is certified on its float64 scores
                     sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
-                    batch_records = certify_batch(sdef, y.to(job.device), idx.tolist(), job.defense_plans,
-                                                  job.patch_plans, job.squares, timer, job.square_method,
-                                                  tables=_pixel_tables(job, x, timer))
+                    yd = y.to(job.device)
+                    ev = batch_evidence(job.defense_plans, job.model, x, sdef, yd, timer)
+                    batch_records = certify_batch(sdef, yd, idx.tolist(), job.defense_plans, job.patch_plans,
+                                                  job.squares, timer, job.square_method, evidence=ev)
                 timer.add("images", float(len(pos)))
-                new, new_bad = _not_recorded(job, pos, batch_records, bad, ndone, lo)
+                if job.scores is None:  # by position (of a selection); unreadable images are left out
+                    new, new_bad = not_recorded(job.data, job.start + job.lo + ndone, pos, batch_records, bad)
+                else:
+                    new, new_bad = (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records), []
+                record_skipped(run_dir, new_bad)  # before the records: a resume trims what they do not reach
                 if run_dir is not None:
-                    if new_bad:  # before the records: a resume trims what its records do not reach
-                        rundir.append_jsonl(run_dir / SKIPPED_FILE, [json.dumps(e, separators=(",", ":"))
-                                                                     for e in new_bad])
                     append_records(run_dir / RECORDS_FILE, new)
                     write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new) + len(new_bad), "total": job.total,
                                                          "complete": False, "timing": timer.totals})
-                for e in new_bad:
-                    log.warning("skipped example %d: %s", e["index"], e["reason"])
                 job.skipped.extend(new_bad)
                 counter.add(new)
                 if keep:
@@ -1078,22 +529,6 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
         if model is not None and was_training:
             model.train(True)
     return records
-
-
-def _not_recorded(job: _Job, pos: torch.Tensor, batch_records: list[ExampleRecord], bad: list[dict[str, Any]],
-                  ndone: int, lo: int) -> tuple[list[ExampleRecord], list[dict[str, Any]]]:
-    """The records and skipped images (``{index, reason}``, dataset indices) of the batch at
-    positions ``pos`` that the run does not hold yet (a resumed run reads its last batch again).
-    ``bad`` holds the batch's unreadable images by position; the records are the rest, in order."""
-    if job.scores is not None:
-        return (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records), []
-    nxt = job.start + job.lo + ndone  # the first position not recorded yet
-    bad_pos = {int(e["index"]) for e in bad}
-    rec_pos = [p for p in pos.tolist() if p not in bad_pos]
-    new = [r for r, p in zip(batch_records, rec_pos) if p >= nxt]
-    late = [e for e in bad if int(e["index"]) >= nxt]
-    didx = dataset_indices(job.data, torch.tensor([int(e["index"]) for e in late], dtype=torch.int64)).tolist()
-    return new, [{"index": int(i), "reason": e["reason"]} for i, e in zip(didx, late)]
 
 
 def _per_image(timer: _Timer, key: str, count_key: str = "images") -> float | None:
@@ -1128,8 +563,8 @@ def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
         skipped=list(job.skipped),
         defense_seconds_per_image={dp.key: {"predict": _per_image(timer, f"{dp.key}|predict"),
                                             "largest_square": _per_image(timer, f"{dp.key}|largest_square"),
-                                            **({"masked_forward": _per_image(timer, f"{dp.key}|table")} if dp.on_pixels
-                                               else {})}
+                                            **({"evidence": _per_image(timer, f"{dp.key}|evidence")}
+                                               if dp.needs_images else {})}
                                    for dp in job.defense_plans},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -1204,9 +639,8 @@ def certify_dataset(
     ``out_dir/records.jsonl``) and the summary is counted as the run goes, so memory does not grow
     with the number of examples either (the ``patchcert certify`` command runs this way).
     An image that cannot be decoded stops the run with a one-line DataError naming its file;
-    ``skip_bad_images=True`` records it as skipped instead (``out_dir/skipped.jsonl`` and the
-    summary's ``metadata.skipped``, ``{index, reason}``, the dataset index): it has no record
-    and is in no count.
+    ``skip_bad_images=True`` records it as skipped instead (:mod:`patchcert.skipping`; the
+    summary's ``metadata.skipped`` lists ``{index, reason}``): it has no record, in no count.
     ``model`` may also be any ``nn.Module`` mapping float images in [0, 1] to logits ``[N, K]``
     (wrapped by :func:`patchcert.wrap_classifier`; pixel defenses only), and ``indices``
     (``[3, 17]`` or ``"3,17,40-49"``) or ``subset="random:N"`` (drawn with ``seed``, default 0)
@@ -1217,9 +651,10 @@ def certify_dataset(
 
     model, data = prepare_inputs(model, data, defenses, indices=indices, subset=subset, seed=seed, start=start,
                                  num_examples=num_examples)
-    job = _plan_job(model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
-                    out_dir, save_scores, square_cap, square_method, seed, command)
-    job.num_workers = num_workers
+    job = _plan_job(model=model, data=data, scores=scores, defenses=defenses, patches=patches, batch_size=batch_size,
+                    device=device, dtype=dtype, num_examples=num_examples, start=start, shard=shard, out_dir=out_dir,
+                    save_scores=save_scores, square_cap=square_cap, square_method=square_method, seed=seed,
+                    command=command, num_workers=num_workers)
     job.skip_bad_images = bool(skip_bad_images)
     with contextlib.ExitStack() as stack:
         run_dir: Path | None = None

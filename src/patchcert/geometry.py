@@ -12,7 +12,7 @@ Conventions
   axis and the map has size 1 there (De-randomized smoothing's column bands see
   every row). A patch touches exactly one cell along a global axis.
 * A pixel patch of ``p`` rows touches at most ``ceil((p + r - 1) / s)`` feature rows.
-  That rectangle is the patch's *window* (see ``../shared/docs/certification.md``).
+  That rectangle is the patch's *window* (see ``docs/certification.md``).
 """
 
 from __future__ import annotations

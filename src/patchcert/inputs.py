@@ -18,10 +18,12 @@ import torch
 
 from .data import ImageSource, as_image_dataset
 from .errors import DataError, PatchcertError
-from .models.classifier import Classifier, as_model, check_defenses_fit
+from .defenses import Defense, defense_class, list_defenses
+from .models.classifier import Classifier, as_model
 from .selection import select_examples, warn_single_class
+from .specs import parse_defense_spec
 
-__all__ = ["prepare_inputs", "check_images"]
+__all__ = ["prepare_inputs", "check_images", "check_defenses_fit"]
 
 
 def check_images(images: Any, name: str = "in-memory") -> None:
@@ -77,3 +79,31 @@ def prepare_inputs(model: Any, data: Any, defenses: Sequence[Any], *, indices: A
     else:
         warn_single_class(data, start, num_examples)
     return model, data
+
+
+def _evidence_source(s: Any) -> tuple[str, str | None]:
+    """``(name, evidence_source)`` of a defense, a spec string or a DefenseSpec: the pixel-family
+    protocol (:attr:`patchcert.defenses.base.Defense.evidence_source`, ``"images"`` for a pixel
+    defense); None for a name no defense is registered under (refused later, naming it)."""
+    if isinstance(s, Defense):
+        return s.key, s.evidence_source
+    name = getattr(s, "name", None) if not isinstance(s, str) else None
+    if name is None:
+        name = parse_defense_spec(s).name
+    if name not in list_defenses():
+        return str(name), None
+    return str(name), defense_class(name).evidence_source
+
+
+def check_defenses_fit(model: Any, defenses: Sequence[Any]) -> None:
+    """Refuse a score-map defense for a model without a score map, in one line naming the
+    defenses that fit it (every registered pixel defense)."""
+    if getattr(model, "has_score_map", True) or not defenses or isinstance(defenses, (str, bytes)):
+        return
+    sources = [_evidence_source(s) for s in defenses]
+    bad = [name for name, src in sources if src == "scores"]
+    if bad:
+        fit = [n for n in list_defenses() if defense_class(n).evidence_source == "images"]
+        raise PatchcertError(f"{getattr(model, 'arch', type(model).__name__)} is a plain classifier (no score map): "
+                             f"{', '.join(dict.fromkeys(bad))} needs a score-map model; the defenses that fit a "
+                             f"classifier: {', '.join(fit)} (e.g. 'double-masking:k=6')")

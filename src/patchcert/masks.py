@@ -9,7 +9,7 @@ inside one mask: the mask starting at ``s * floor(a / s)`` (or the last one) end
 
 The 2-D set of a patch shape ``(ph, pw)`` is the product of the two axes' sets, in row-major
 order: mask ``i * len(cols) + j`` is rows ``rows[i]`` x columns ``cols[j]``. A threat of
-several shapes (``area=24``) has one mask set per shape; see ``docs/double-masking.md``.
+several shapes (``area=24``) has one mask set per shape; see ``docs/certification.md``.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
              for k, i in enumerate(idx.tolist())]
     for dp in job.defenses:
         d = dp.defense
-        if dp.on_pixels:
+        if dp.needs_images:
             _attack_pixel_defense(job, dp, x, y, batch, seconds)
             continue
         pred = d.predict(s)
@@ -212,32 +212,33 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
 
 def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Tensor, batch: list[dict],
                           seconds: dict[str, float]) -> None:
-    """Double masking: PGD patches evaluated through the defense (:mod:`patchcert.attacks.double_masking`),
-    for every shape of every threat until one breaks the example."""
-    from .double_masking import attack_double_masking
+    """A pixel defense (double masking): PGD patches evaluated through the defense
+    (:func:`patchcert.attacks.pixels.attack_pixels`) with the run's attack settings (steps,
+    step size, restarts, locations), for every shape of every threat until one breaks the example."""
+    from .pixels import attack_pixels
 
-    d = dp.defense
-    strong = bool(job.config["attack"].get("strong"))
+    d, cfg = dp.defense, job.cfg
     t0 = time.perf_counter()
     with torch.no_grad():
-        table = d.table(job.model, x, dp.mask_set)
-    pred = d.predict_table(table)
-    seconds[f"{dp.key}|table"] = seconds.get(f"{dp.key}|table", 0.0) + time.perf_counter() - t0
+        ev = d.compute_evidence(job.model, x, None, y)
+    pred = d.predict_evidence(ev).to(y.device)
+    seconds[f"{dp.key}|evidence"] = seconds.get(f"{dp.key}|evidence", 0.0) + time.perf_counter() - t0
     for k in range(len(batch)):
         batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]), "certified": {},
                                         "attack": {}}
     for pp in job.patches:
         t0 = time.perf_counter()
-        cert = d.certify_table(table, y, dp.mask_set, pp.shapes)
+        cert = d.certify_threat(ev, y, pp).certified.to(y.device)
         entries = [{"attacked": bool(pred[k] == y[k]), "success": False, "adv_pred": int(pred[k]), "patch": None,
                     "pixel": None, "target": None, "attempts": 0, "steps": 0} for k in range(len(batch))]
         for shape in pp.shapes:
             todo = [k for k, e in enumerate(entries) if e["attacked"] and not e["success"]]
             if not todo:
                 break
-            res = attack_double_masking(job.model, x[todo], y[todo], d, dp.mask_set, shape,
-                                        steps=50 if strong else 20, n_random=6 if strong else 2,
-                                        seed=job.config["seed"] or 0, table=table[todo])
+            idx = torch.tensor(todo, device=x.device)
+            res = attack_pixels(job.model, x[idx], y[idx], d, shape, steps=cfg.steps, step_size=cfg.step_size,
+                                locations=cfg.locations, restarts=cfg.restarts, seed=cfg.seed,
+                                evidence=ev[idx], certified=cert[idx])
             for j, k in enumerate(todo):
                 e = entries[k]
                 e["attempts"] += res.attempts[j]

@@ -33,10 +33,11 @@ The attack (per defense x patch, on every correctly classified example):
 (each overridable). Results: robust accuracy = correct and not broken (an upper bound on
 the true robust accuracy); certified accuracy is the lower bound. A certified example the
 attack breaks is a SOUNDNESS FAILURE: reported loudly, exit status 3.
-double-masking (PatchCleanser): per correctly classified example, PGD on the patch pixels (20
-steps of 0.1; --strong 50) against the undefended classifier plus the masked images whose mask
-does not cover the patch, at the masks of the first failing pair and 2 random placements
-(--strong 6); success = the real double-masking prediction changes.
+pixel defenses (double-masking, PatchCleanser): per correctly classified example, PGD on the
+patch pixels (--steps of --step-size, --restarts random starts) against the undefended
+classifier plus the masked images whose mask does not cover the patch, at --locations
+placements (the corners of the masks of the first failing pair first, then random ones);
+success = the real defended prediction changes.
 run directory (--out DIR): config.json, records.jsonl (one line per example, per batch),
 summary.json (at the end), png/ (--save-png N). --resume continues an interrupted run.
 --json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
@@ -116,8 +117,14 @@ def _print_table(summary: dict) -> None:
     from rich.table import Table
 
     md = summary["metadata"]
-    kinds = ["double masking: PGD through the defense" if r["defense"].startswith("double-masking")
-             else ("strong" if md["attack"].get("strong") else "BagCert A.2") for r in summary["results"]]
+    from ..defenses import defense_class
+
+    def kind(r: dict) -> str:
+        if defense_class(r["defense_config"]["name"]).evidence_source == "images":
+            return "PGD through the defense"
+        return "strong" if md["attack"].get("strong") else "BagCert A.2"
+
+    kinds = [kind(r) for r in summary["results"]]
     kinds = list(dict.fromkeys(kinds))
     t = Table(title=f"patch attack: {md['model']} on {md['data'].get('name', '?')}, n={summary['n']}, "
                     f"{' / '.join(kinds) or 'BagCert A.2'} attack", title_justify="left")

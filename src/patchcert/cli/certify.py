@@ -62,12 +62,10 @@ run directory (--out RUN): records.jsonl (one JSON object per example, written p
 
 
 def default_defenses(model: Any) -> list[str]:
-    """BagCert voting for a score-map model; double masking for a global classifier (its one-cell
-    map leaves the score-map defenses nothing to certify)."""
-    geom = getattr(model, "geometry", None)
-    if geom is not None and all(r is None for r in geom.rf):
-        return ["double-masking"]
-    return ["voting"]
+    """The model's default defenses (:func:`patchcert.defenses.default_defense_specs`)."""
+    from ..defenses import default_defense_specs
+
+    return default_defense_specs(getattr(model, "geometry", None))
 
 
 def register(sub) -> None:
@@ -269,6 +267,8 @@ def _print_table(summary: Any, run_dir: Path | None) -> None:
     for k, curve in summary.square_curves.items():
         if curve:
             lines.append(f"{k}: {square_summary(curve)}")
+        elif md.square_cap:
+            lines.append(f"{k}: largest certified square not searched (this defense does not search squares)")
     if md.skipped:
         lines.append(f"skipped {len(md.skipped)} unreadable image(s), in no count (listed in summary.json): "
                      + ", ".join(str(s["index"]) for s in md.skipped[:5]) + (" ..." if len(md.skipped) > 5 else ""))

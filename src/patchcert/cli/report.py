@@ -17,8 +17,12 @@ run x defense x patch), and PNG plots:
                                   patchcert certify --patch area=24 ...  (or --patch 1x24 --patch 2x12 ...)
   clean_vs_certified.png          every run x defense x patch
   accuracy_bounds.png             with --attack DIR (a `patchcert attack --out DIR` run)
-  vulnerability_<run>_<i>.png     with --examples i,j,...; needs RUN/scores.safetensors
-                                  (patchcert certify --save-scores) and the data (--data-dir)
+  vulnerability_<run>_<i>.png     score-map defenses, with --examples i,j,...; needs
+                                  RUN/scores.safetensors (patchcert certify --save-scores) and the
+                                  data (--data-dir)
+  masks_<run>_<i>.png             pixel defenses (double masking), with --examples i,j,...: where
+                                  the masks disagree with the label, straight from the records
+                                  (no score file, no model; the image from --data-dir)
 """
 
 
@@ -30,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--attack", action="append", default=[], metavar="DIR",
                    help="attack run directory (patchcert attack --out DIR), repeatable: adds robust accuracy")
-    p.add_argument("--examples", metavar="I,J,...", help="dataset indices for vulnerability maps (e.g. 0,1,2)")
+    p.add_argument("--examples", metavar="I,J,...", help="dataset indices for per-example maps (e.g. 0,1,2)")
     p.add_argument("--map-patch", metavar="SPEC", help="patch of the vulnerability maps (default: the run's first)")
     p.add_argument("--data-dir", help="data folder for the images of the maps (default: $PATCHCERT_DATA)")
     p.add_argument("--no-plots", action="store_true", help="no summary plots (vulnerability maps still with --examples)")

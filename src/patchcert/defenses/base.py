@@ -2,7 +2,7 @@
 
 A *defense* aggregates a score map ``[N, K, H, W]`` into a prediction ``long [N]`` and
 certifies, per image, that no patch confined to a feature window can change that prediction
-(``../shared/docs/certification.md`` is the exact definition of every certificate).
+(``docs/certification.md`` is the exact definition of every certificate).
 
 Margins
 -------
@@ -30,8 +30,9 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -57,6 +58,9 @@ Window = tuple[int, int]
 
 _DEFENSES: dict[str, type["Defense"]] = {}
 
+if TYPE_CHECKING:
+    from .threat import Threat, ThreatResult
+
 #: Default memory budget (number of float64 elements) for the largest intermediate tensor of
 #: one chunk of images; batches are processed in chunks of images that fit it.
 ELEMENT_BUDGET = 1 << 22
@@ -68,8 +72,8 @@ ELEMENT_BUDGET = 1 << 22
 def register_defense(name: str) -> Callable[[type["Defense"]], type["Defense"]]:
     """Class decorator: make ``create_defense(name, ...)`` build this class. A name can be
     registered once (like ``register_model``): a second class under it is an error."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise PatchcertError(f"a defense name must be an identifier, got {name!r}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+        raise PatchcertError(f"a defense name must be letters, digits, '_' or '-' (e.g. 'double-masking'), got {name!r}")
     if name in _DEFENSES:
         raise PatchcertError(f"defense {name!r} is already registered (by {_DEFENSES[name].__module__}."
                              f"{_DEFENSES[name].__qualname__})")
@@ -99,7 +103,8 @@ def list_defenses() -> list[str]:
 
 
 def create_defense(name: str, **kwargs: Any) -> "Defense":
-    """Build a defense by name (``"masking"``, ``"clipping"``, ``"voting"``) with its options.
+    """Build a defense by name (``"masking"``, ``"clipping"``, ``"voting"``, ``"double-masking"``)
+    with its options.
 
     Unknown names, unknown options and bad option values raise :class:`PatchcertError`.
     """
@@ -343,10 +348,67 @@ class Defense:
     #: per-cell relaxed evidence lies in [0, 1] (BagCert's margin cap M = 1 applies to the attack)
     relaxation_bounded: ClassVar[bool] = False
 
+    #: where the expensive pass gets its evidence: ``"scores"`` -- the model's score map, one
+    #: forward pass per batch shared by every score-map defense (a score file can stand in for
+    #: the model); ``"images"`` -- the defense runs the model itself on modified images
+    #: (:class:`patchcert.defenses.pixels.PixelDefense`)
+    evidence_source: ClassVar[str] = "scores"
+    #: images a training evaluation certifies per epoch (None: the whole evaluation set; an
+    #: expensive pass sets a sample size)
+    eval_images: ClassVar[int | None] = None
+
+    # -- the run protocol (patchcert.defenses.threat): one for every family --------------------
     @classmethod
     def options_from_json(cls, options: dict[str, Any]) -> dict[str, Any]:
         """Constructor options from their JSON form (JSON has lists, options have pairs)."""
         return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+    @classmethod
+    def for_threat(cls, options: dict[str, Any], threat: "Threat") -> "Defense":
+        """Build the defense a run uses against ``threat`` from the options a spec gave.
+        Default: the options as given, with ``wrap=True`` on a wrapping score map when the spec
+        does not say (a defense with ``wrap=False`` there is refused: it would skip the
+        wrapping placements, an unsound certificate). Subclasses fill in threat-dependent
+        defaults (masking: the mask window; double masking: the mask set)."""
+        options = dict(options)
+        takes_wrap = "wrap" in inspect.signature(cls.__init__).parameters
+        if threat.wrap and takes_wrap and "wrap" not in options:
+            options["wrap"] = True
+        d = create_defense(cls.name, **options)
+        if threat.wrap and not d.wrap:
+            raise PatchcertError("the score map's windows wrap around its edges (geometry.wrap); wrap=false would "
+                                 "miss placements")
+        return d
+
+    def describe(self) -> dict[str, Any]:
+        """Facts a run records about the built defense beyond its ``config`` (e.g. mask count)."""
+        return {}
+
+    def compute_evidence(self, model: Any, images: torch.Tensor | None, scores: torch.Tensor | None,
+                         labels: torch.Tensor | None = None) -> Any:
+        """The expensive pass of one batch. Score maps: the batch's score map itself."""
+        if scores is None:
+            raise PatchcertError(f"{self.key} needs score maps")
+        return scores
+
+    def predict_evidence(self, evidence: Any) -> torch.Tensor:
+        """Prediction per image from the evidence of :meth:`compute_evidence` -> long ``[N]``."""
+        return self.predict(evidence)
+
+    def certify_threat(self, evidence: Any, labels: torch.Tensor, patch: Any) -> "ThreatResult":
+        """Certificate per image against one patch threat (see :mod:`patchcert.defenses.threat`)."""
+        from .threat import scoremap_certify_threat
+
+        return scoremap_certify_threat(self, evidence, labels, patch)
+
+    def largest_square(self, evidence: Any, labels: torch.Tensor, windows: Sequence[Window],
+                       known: dict | None = None, pred: torch.Tensor | None = None,
+                       method: str = "bisect") -> torch.Tensor | None:
+        """Largest certified square side per image (``windows[s-1]``: the feature window of an
+        ``s x s`` patch), or None when the defense does not search squares."""
+        from ..squares import largest_certified_square
+
+        return largest_certified_square(self, evidence, labels, windows, method=method, known=known, pred=pred)
 
     # -- self-description: what certify, attack, report and training need to know ------------
     @classmethod

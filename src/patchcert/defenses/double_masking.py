@@ -3,7 +3,7 @@
 Unlike the score-map defenses, double masking works on pixels. Its expensive pass runs the
 classifier on masked copies of each image and yields a per-image **table** of masked
 predictions; ``predict`` and ``certify`` then read the table (cheap, exact integer logic).
-The exact semantics are in ``docs/double-masking.md``; in short, with a mask set of ``M``
+The exact semantics are in ``docs/certification.md``; in short, with a mask set of ``M``
 masks (:mod:`patchcert.masks`) and ``T[i, j]`` the prediction on the image masked by masks
 ``i`` and ``j`` (``T[i, i]``: mask ``i`` alone; ``T`` is symmetric):
 
@@ -24,7 +24,6 @@ records which precision it used.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +31,9 @@ import torch.nn as nn
 
 from ..errors import PatchcertError
 from ..masks import MaskSet, apply_masks, mask_set
+from .base import create_defense, register_defense
+from .pixels import PixelDefense
+from .threat import ThreatResult
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ __all__ = [
     "predict_from_table",
     "certify_from_table",
     "first_failing_pair",
+    "certificate_order",
+    "settled_table",
+    "UNKNOWN",
     "covers",
     "double_masking_predict",
 ]
@@ -140,11 +145,15 @@ def masked_prediction_table(model: nn.Module, x: torch.Tensor, ms: MaskSet, fill
     return table
 
 
+#: a table entry not evaluated (an early-exit table, :func:`settled_table`)
+UNKNOWN = -1
+
+
 def _check_table(table: Any) -> torch.Tensor:
     if not isinstance(table, torch.Tensor) or table.dim() != 3 or table.shape[1] != table.shape[2] \
             or table.shape[1] < 1 or table.is_floating_point() or table.dtype == torch.bool:
         raise PatchcertError("double masking: a prediction table must be an integer tensor [N, M, M]")
-    if table.numel() and int(table.min()) < 0:
+    if table.numel() and int(table.min()) < UNKNOWN:
         raise PatchcertError("double masking: a prediction table holds negative labels")
     if not torch.equal(table, table.transpose(1, 2)):
         raise PatchcertError("double masking: a prediction table must be symmetric (T[i, j] == T[j, i])")
@@ -160,11 +169,16 @@ def _majority(one: torch.Tensor) -> torch.Tensor:
 
 
 def predict_from_table(table: torch.Tensor) -> torch.Tensor:
-    """Double-masking prediction from a table ``[N, M, M]`` -> long ``[N]``."""
+    """Double-masking prediction from a table ``[N, M, M]`` -> long ``[N]``.
+
+    An early-exit table (:func:`settled_table`) gives the same prediction as the full one:
+    it holds every first-round entry and every second round up to the first consistent one."""
     table = _check_table(table)
     one = torch.diagonal(table, dim1=1, dim2=2)  # [N, M]
     if one.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=table.device)
+    if bool((one < 0).any()):
+        raise PatchcertError("double masking: the table lacks first-round predictions")
     maj = _majority(one)
     disagree = one != maj[:, None]
     consistent = (table == one[:, :, None]).all(2)  # mask i's second round all agree with its label
@@ -174,7 +188,8 @@ def predict_from_table(table: torch.Tensor) -> torch.Tensor:
 
 
 def certify_from_table(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool: every two-mask prediction equals the label."""
+    """``[N]`` bool: every two-mask prediction equals the label (an entry not evaluated never
+    does; an early-exit table leaves entries out only after a known disagreement)."""
     table = _check_table(table)
     labels = torch.as_tensor(labels, device=table.device).long()
     if labels.shape != (table.shape[0],):
@@ -182,13 +197,22 @@ def certify_from_table(table: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (table == labels[:, None, None]).all(2).all(1)
 
 
+def certificate_order(m: int) -> torch.Tensor:
+    """``[m (m + 1) / 2, 2]`` long: the pairs in the order the certificate checks them -- the
+    ``m`` first-round masks ``(i, i)`` in mask order, then the pairs ``i < j`` in row-major order."""
+    i, j = torch.triu_indices(m, m, 1)
+    d = torch.arange(m)
+    return torch.cat([torch.stack([d, d], 1), torch.stack([i, j], 1)])
+
+
 def first_failing_pair(table: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image: the number of pairs ``i <= j`` not predicted as the label, and the first such
-    pair ``(i, j)`` in row-major order (``-1`` if none)."""
+    """Per image: the number of entries ``i <= j`` not equal to the label (not evaluated
+    counts as not equal), and the first such pair ``(i, j)`` in :func:`certificate_order`
+    (``-1`` if none). The early-exit table and the full table give the same first pair."""
     table = _check_table(table)
     m = table.shape[1]
-    pairs = pair_indices(m).to(table.device)
-    wrong = table[:, pairs[:, 0], pairs[:, 1]] != labels.long()[:, None]  # [N, P]
+    pairs = certificate_order(m).to(table.device)
+    wrong = table[:, pairs[:, 0], pairs[:, 1]] != labels.to(table.device).long()[:, None]  # [N, P]
     first = wrong.to(torch.uint8).argmax(1)
     has = wrong.any(1)
     i = torch.where(has, pairs[first, 0], torch.full_like(first, -1))
@@ -196,78 +220,141 @@ def first_failing_pair(table: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return wrong.sum(1), i, j
 
 
-@torch.no_grad()
-def double_masking_predict(model: nn.Module, x: torch.Tensor, ms: MaskSet, fill: float = 0.5,
-                           bf16: bool = False, batch_size: int = 512) -> torch.Tensor:
-    """Double-masking prediction computed from the model with early stopping -> long ``[N]``.
+class _Evaluator:
+    """Fills table entries ``(image, i, j)`` with the model's prediction on the image masked by
+    masks ``i`` and ``j``, ``batch_size`` masked images per forward pass."""
 
-    Runs the first round (``M`` one-mask images per image); images whose one-mask predictions
-    all agree stop there. The others get second rounds only for their disagreeing masks, one
-    mask at a time in mask order, and stop at the first mask whose second round agrees. Same
-    result as ``predict_from_table(masked_prediction_table(...))`` at a fraction of the cost.
+    def __init__(self, model: nn.Module, x: torch.Tensor, ms: MaskSet, fill: float, bf16: bool,
+                 batch_size: int) -> None:
+        self.model, self.x, self.fill, self.bf16, self.bs = model, x, fill, bf16, int(batch_size)
+        self.masks = ms.boolean(x.device)
+        self.table = torch.full((x.shape[0], len(ms), len(ms)), UNKNOWN, dtype=torch.long, device=x.device)
+        self.evaluated = 0
+
+    def fill_in(self, img: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
+        need = self.table[img, i, j] == UNKNOWN
+        img, i, j = img[need], i[need], j[need]
+        for s in range(0, img.shape[0], self.bs):
+            sl = slice(s, s + self.bs)
+            out = _predict_masked(self.model, self.x[img[sl]], self.masks[i[sl]] | self.masks[j[sl]],
+                                  self.fill, self.bf16)
+            self.table[img[sl], i[sl], j[sl]] = out
+            self.table[img[sl], j[sl], i[sl]] = out
+        self.evaluated += int(img.shape[0])
+
+
+@torch.no_grad()
+def settled_table(model: nn.Module, x: torch.Tensor, ms: MaskSet, labels: torch.Tensor | None = None,
+                  fill: float = 0.5, batch_size: int = 512, bf16: bool = False) -> torch.Tensor:
+    """The table entries the prediction and (with ``labels``) the certificate need, others
+    :data:`UNKNOWN`: the early-exit pass. ``predict_from_table``, ``certify_from_table`` and
+    ``first_failing_pair`` give the same answers on it as on :func:`masked_prediction_table`.
+
+    1. the first round: every one-mask image;
+    2. the prediction: for images whose first round disagrees, the second rounds of the
+       disagreeing masks in mask order, up to the first one that is consistent;
+    3. the certificate: images whose first round all equals the label (the others are settled:
+       not certified) get their pairs ``i < j`` in row-major order, a chunk at a time, until a
+       pair disagrees with the label (settled: not certified) or every pair agrees
+       (certified). Settled images leave the batch, and the chunk per remaining image grows so
+       that every forward pass stays ``batch_size`` images.
     """
     _check_images(x, ms)
     n, m = x.shape[0], len(ms)
-    masks = ms.boolean(x.device)
-
-    def run(img: torch.Tensor, msk: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(img.shape[0], dtype=torch.long, device=x.device)
-        for s in range(0, img.shape[0], batch_size):
-            out[s:s + batch_size] = _predict_masked(model, x[img[s:s + batch_size]], msk[s:s + batch_size], fill, bf16)
-        return out
-
-    img = torch.arange(n, device=x.device).repeat_interleave(m)
-    one = run(img, masks.repeat(n, 1, 1)).view(n, m) if n else torch.zeros(0, m, dtype=torch.long, device=x.device)
+    ev = _Evaluator(model, x, ms, fill, bf16, batch_size)
+    dev = x.device
     if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=x.device)
+        return ev.table
+    ar = torch.arange(m, device=dev)
+    ev.fill_in(torch.arange(n, device=dev).repeat_interleave(m), ar.repeat(n), ar.repeat(n))
+    one = torch.diagonal(ev.table, dim1=1, dim2=2)
     maj = _majority(one)
-    pred = maj.clone()
-    todo = (one != maj[:, None])  # [N, M] disagreeing masks still to try
+    todo = one != maj[:, None]  # [N, M] disagreeing masks whose second round is still to run
     while bool(todo.any()):
-        rows = torch.nonzero(todo.any(1))[:, 0]  # undecided images
-        i = todo[rows].to(torch.uint8).argmax(1)  # their next disagreeing mask
-        r_img = rows.repeat_interleave(m)
-        r_msk = masks[i].repeat_interleave(m, 0) | masks.repeat(len(rows), 1, 1)
-        second = run(r_img, r_msk).view(len(rows), m)
-        lab = one[rows, i]
-        good = (second == lab[:, None]).all(1)
-        pred[rows[good]] = lab[good]
+        rows = torch.nonzero(todo.any(1))[:, 0]
+        i = todo[rows].to(torch.uint8).argmax(1)
+        ev.fill_in(rows.repeat_interleave(m), i.repeat_interleave(m), ar.repeat(len(rows)))
+        good = (ev.table[rows, i] == one[rows, i][:, None]).all(1)
         todo[rows[good]] = False
         todo[rows[~good], i[~good]] = False
-    return pred
+    if labels is None:
+        return ev.table
+    labels = labels.to(dev).long()
+    pi, pj = torch.triu_indices(m, m, 1, device=dev)
+    P = pi.shape[0]
+    active = (one == labels[:, None]).all(1)
+    pos = torch.zeros(n, dtype=torch.long, device=dev)  # next pair to check, per image
+    while P and bool(active.any()):
+        rows = torch.nonzero(active)[:, 0]
+        c = max(1, -(-batch_size // len(rows)))
+        k = (pos[rows][:, None] + torch.arange(c, device=dev)[None, :])  # [R, c]
+        valid = k < P
+        r = rows[:, None].expand_as(k)[valid]
+        kk = k[valid]
+        ev.fill_in(r, pi[kk], pj[kk])
+        vals = torch.full(k.shape, UNKNOWN, dtype=torch.long, device=dev)
+        vals[valid] = ev.table[r, pi[kk], pj[kk]]
+        failed = ((vals != labels[rows][:, None]) & valid).any(1)
+        pos[rows] += c
+        active[rows[failed | (pos[rows] >= P)]] = False
+    return ev.table
 
 
-@dataclass(frozen=True)
-class DoubleMasking:
+@torch.no_grad()
+def double_masking_predict(model: nn.Module, x: torch.Tensor, ms: MaskSet, fill: float = 0.5,
+                           bf16: bool = False, batch_size: int = 512) -> torch.Tensor:
+    """Double-masking prediction computed from the model with early stopping -> long ``[N]``:
+    the first round, then second rounds only for disagreeing masks, up to the first consistent
+    one (:func:`settled_table` without labels). Same result as
+    ``predict_from_table(masked_prediction_table(...))`` at a fraction of the cost."""
+    return predict_from_table(settled_table(model, x, ms, None, fill, batch_size, bf16))
+
+
+@register_defense("double-masking")
+class DoubleMasking(PixelDefense):
     """The double-masking defense with ``k`` masks per axis and pixel fill ``fill``.
 
     ``patch``: the threat the mask set is built for (a patch spec such as ``"5x5"`` or
-    ``"area=24"``; several shapes give the union of their mask sets); None: the run's largest
-    requested patch. ``bf16``: evaluate masked images under bf16 autocast (faster on CPUs
-    with bf16 and on GPUs; the certificate then holds for the bf16 deployment).
+    ``"area=24"``; several shapes give the union of their mask sets); None: the run's requested
+    patches (:attr:`Threat.mask_shapes`). ``bf16``: evaluate masked images under bf16 autocast
+    (faster on CPUs with bf16 and on GPUs; the certificate then holds for the bf16 deployment).
+    ``batch_size``: masked images per forward pass (not part of the defense: it changes no
+    prediction, only the speed).
     """
 
-    k: int = 6
-    fill: float = 0.5
-    patch: str | None = None
-    bf16: bool = False
-    name: str = "double-masking"
+    eval_images = 64  # a training evaluation certifies 64 images spread over the evaluation set
 
-    def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise PatchcertError(f"double-masking: k must be a positive int, got {self.k!r}")
-        if isinstance(self.fill, bool) or not isinstance(self.fill, (int, float)) or not 0.0 <= float(self.fill) <= 1.0:
-            raise PatchcertError(f"double-masking: fill must be a number in [0, 1], got {self.fill!r}")
-        object.__setattr__(self, "fill", float(self.fill))
-        if self.patch is not None:
+    def __init__(self, k: int = 6, fill: float = 0.5, patch: str | None = None, bf16: bool = False) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PatchcertError(f"double-masking: k must be a positive int, got {k!r}")
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 <= float(fill) <= 1.0:
+            raise PatchcertError(f"double-masking: fill must be a number in [0, 1], got {fill!r}")
+        if isinstance(patch, tuple) and len(patch) == 2:  # a spec's patch=5x5 arrives as a pair
+            patch = f"{patch[0]}x{patch[1]}"
+        if patch is not None:
             from ..geometry import parse_patch
 
             try:
-                parse_patch(self.patch)
+                parse_patch(patch)
             except ValueError as e:
                 raise PatchcertError(f"double-masking: {e}") from None
-        if not isinstance(self.bf16, bool):
-            raise PatchcertError(f"double-masking: bf16 must be true or false, got {self.bf16!r}")
+        if not isinstance(bf16, bool):
+            raise PatchcertError(f"double-masking: bf16 must be true or false, got {bf16!r}")
+        self.k, self.fill, self.patch, self.bf16 = k, float(fill), patch, bf16
+        self.batch_size = 512
+        self._ms: MaskSet | None = None
+
+    @classmethod
+    def options_from_json(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A run's config also records the mask count (:meth:`describe`): not an option."""
+        return {k: v for k, v in super().options_from_json(options).items() if k != "masks"}
+
+    @classmethod
+    def example_configs(cls) -> list[dict[str, Any]]:
+        return [{"k": 2, "patch": "2x2"}, {"k": 3}, {"k": 2, "patch": "area=4", "fill": 0.0}]
+
+    def _params(self) -> dict[str, Any]:
+        return {"k": self.k, "fill": self.fill, "patch": self.patch, "bf16": self.bf16}
 
     @property
     def key(self) -> str:
@@ -280,13 +367,10 @@ class DoubleMasking:
             parts.append("bf16")
         return f"double-masking({','.join(parts)})"
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.k, "fill": self.fill, "patch": self.patch, "bf16": self.bf16}
-
+    # -- building for a threat ---------------------------------------------------------
     def mask_set(self, image_size: Sequence[int], default_shapes: Sequence[Sequence[int]] | None = None) -> MaskSet:
         """The mask set for ``image_size`` images: built for ``patch``, or, when ``patch`` is None,
-        for ``default_shapes`` (a certify run passes the shapes it was asked for)."""
+        for ``default_shapes`` (a run passes the shapes it was asked for)."""
         from ..geometry import parse_patch
 
         if self.patch is not None:
@@ -310,19 +394,120 @@ class DoubleMasking:
             log.warning("double-masking: %d masks, %s masked forward passes per image", m, f"{passes:,}")
         return ms
 
-    def table(self, model: nn.Module, x: torch.Tensor, ms: MaskSet, batch_size: int = 512) -> torch.Tensor:
-        return masked_prediction_table(model, x, ms, self.fill, batch_size=batch_size, bf16=self.bf16)
+    @classmethod
+    def for_threat(cls, options: dict[str, Any], threat: Any) -> "DoubleMasking":
+        d = create_defense(cls.name, **options)
+        assert isinstance(d, DoubleMasking)
+        return d.bind(d.mask_set(threat.image_size, threat.mask_shapes))
 
-    def predict_table(self, table: torch.Tensor) -> torch.Tensor:
-        return predict_from_table(table)
+    def bind(self, ms: MaskSet) -> "DoubleMasking":
+        """This defense with mask set ``ms`` (a new object)."""
+        d = DoubleMasking(**self._params())
+        d.batch_size, d._ms = self.batch_size, ms
+        return d
 
-    def certify_table(self, table: torch.Tensor, labels: torch.Tensor, ms: MaskSet,
-                      shapes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Certified against every shape in ``shapes``: covered by the mask set and all pairs agree."""
-        cert = certify_from_table(table, labels)
-        if not all(covers(ms, s) for s in shapes):
-            return torch.zeros_like(cert)
-        return cert
+    @property
+    def masks(self) -> MaskSet:
+        if self._ms is None:
+            raise PatchcertError(f"{self.key}: no mask set yet (build it with for_threat, bind or a run)")
+        return self._ms
 
-    def predict(self, model: nn.Module, x: torch.Tensor, ms: MaskSet) -> torch.Tensor:
-        return double_masking_predict(model, x, ms, self.fill, bf16=self.bf16)
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.masks.image_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"masks": len(self.masks)}
+
+    def uncovered(self, shapes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """The shapes some placement of which no mask covers (never certified)."""
+        return [(int(a), int(b)) for a, b in shapes if not covers(self.masks, (a, b))]
+
+    # -- the expensive pass and the cheap answers --------------------------------------
+    def compute_evidence(self, model: Any, images: torch.Tensor | None, scores: torch.Tensor | None = None,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The early-exit table of the batch (:func:`settled_table`); with ``labels`` it holds
+        what the certificate needs as well."""
+        if model is None or images is None:
+            raise PatchcertError(f"{self.key} works on images and needs the model (a score file holds no "
+                                 "masked predictions)")
+        return settled_table(model, images, self.masks, labels, self.fill, self.batch_size, self.bf16)
+
+    def table(self, model: nn.Module, x: torch.Tensor, ms: MaskSet | None = None) -> torch.Tensor:
+        """The full table (every pair), e.g. for a report."""
+        return masked_prediction_table(model, x, ms or self.masks, self.fill, batch_size=self.batch_size,
+                                       bf16=self.bf16)
+
+    def predict_evidence(self, evidence: torch.Tensor) -> torch.Tensor:
+        return predict_from_table(evidence)
+
+    def certify_threat(self, evidence: torch.Tensor, labels: torch.Tensor, patch: Any) -> ThreatResult:
+        """Certified against every shape of ``patch``: the mask set covers it and every pair agrees."""
+        labels = labels.to(evidence.device)
+        all_pairs = certify_from_table(evidence, labels)
+        cov = [covers(self.masks, s) for s in patch.shapes]
+        per_shape = torch.stack([all_pairs & c for c in cov], 1) if len(cov) > 1 else None
+        return ThreatResult(all_pairs & all(cov), per_shape, self.failing_cases(evidence, labels))
+
+    def failing_cases(self, table: torch.Tensor, labels: torch.Tensor) -> list[Any]:
+        """Per image, the record of the first pair (:func:`certificate_order`) that disagrees
+        with the label, or None (:class:`patchcert.results.MaskPairCase`)."""
+        from ..results import MaskPairCase
+
+        _, fi, fj = first_failing_pair(table, labels)
+        one = torch.diagonal(table, dim1=1, dim2=2)
+        off = (one != labels.to(table.device)[:, None]).tolist()
+        out: list[Any] = []
+        for n, (i, j) in enumerate(zip(fi.tolist(), fj.tolist())):
+            if i < 0:
+                out.append(None)
+                continue
+            out.append(MaskPairCase((i, j), int(table[n, i, j]), any(off[n]),
+                                    tuple(m for m, o in enumerate(off[n]) if o)))
+        return out
+
+    def largest_square(self, evidence: torch.Tensor, labels: torch.Tensor, windows: Sequence[Any],
+                       known: dict | None = None, pred: torch.Tensor | None = None,
+                       method: str = "bisect") -> torch.Tensor:
+        """Exact and free: an ``s x s`` patch is certified iff every pair agrees and the mask set
+        covers ``s x s`` (true up to some side and false beyond: coverage is monotone)."""
+        side = 0
+        for s in range(1, len(windows) + 1):
+            if not covers(self.masks, (s, s)):
+                break
+            side = s
+        ok = certify_from_table(evidence, labels.to(evidence.device))
+        return torch.where(ok, torch.full_like(labels, side, device=evidence.device), torch.zeros_like(ok).long())
+
+    # -- self-description for the attack and the report ----------------------------------
+    def attack_placements(self, evidence: torch.Tensor, labels: torch.Tensor, shape: tuple[int, int],
+                          n_random: int, generator: torch.Generator) -> list[list[tuple[int, int]]]:
+        """The corners of the masks of the first failing pair, then random placements."""
+        h, w = self.image_size
+        ph, pw = shape
+        _, fi, fj = first_failing_pair(evidence, labels)
+        rand = super().attack_placements(evidence, labels, shape, n_random, generator)
+        out = []
+        for n in range(evidence.shape[0]):
+            cand: list[tuple[int, int]] = []
+            for m in dict.fromkeys((int(fi[n]), int(fj[n]))):
+                if m >= 0:
+                    t, l, mh, mw = self.masks.rects[m]
+                    cand += [(t, l), (min(t + mh - ph, h - ph), min(l + mw - pw, w - pw))]
+            out.append(list(dict.fromkeys(cand + rand[n])))
+        return out
+
+    def attack_masks(self, top: int, left: int, shape: tuple[int, int], device: Any) -> torch.Tensor:
+        masks = self.masks.boolean(device)
+        covered = masks[:, top:top + shape[0], left:left + shape[1]].flatten(1).all(1)
+        return masks[~covered]
+
+    def disagreement(self, worst: Any) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]] | None:
+        """How many first-round masks that disagree with the label cover each pixel, and the
+        masks of the first failing pair."""
+        if worst is None:
+            return None
+        masks = self.masks.boolean()
+        idx = list(worst.disagree)
+        heat = masks[idx].sum(0).double() if idx else torch.zeros(self.image_size, dtype=torch.float64)
+        return heat, [self.masks.rects[m] for m in dict.fromkeys(worst.pair)]

@@ -46,6 +46,8 @@ every image and placement.
 
 from __future__ import annotations
 
+import logging
+
 import functools
 import math
 from typing import Any
@@ -258,6 +260,17 @@ def _ste(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 @register_defense("masking")
 class Masking(Defense):
     """PatchGuard's robust masking with its provable analysis (detection threshold ``T``)."""
+
+    @classmethod
+    def for_threat(cls, options: dict[str, Any], threat: Any) -> "Masking":
+        """A spec without ``window`` gets the smallest mask window covering every requested
+        patch window (a patch window outside the mask window is never certified)."""
+        if "window" not in options and threat.covering_window is not None:
+            options = {**options, "window": tuple(threat.covering_window)}
+            logging.getLogger(__name__).info(
+                "masking: mask window %dx%d (covers every requested patch window; set window=HxW to choose)",
+                *threat.covering_window)
+        return super().for_threat(options, threat)
 
     def __init__(
         self,

@@ -8,7 +8,8 @@ predictions on masked images. A user's ``nn.Module`` that maps float images in [
 No subclassing, registration or receptive-field geometry is needed; the number of classes
 comes from the module's output (:meth:`Classifier.infer_num_classes`), the input size from the
 data. A classifier has no score map, so only the pixel defenses (double masking) apply to it:
-:func:`check_defenses_fit` refuses the score-map ones with one line naming those that fit.
+:func:`patchcert.inputs.check_defenses_fit` refuses the score-map ones with one line naming
+those that fit.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from ..errors import PatchcertError
 from ..geometry import Geometry
 from .base import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ScoreMapModel
 
-__all__ = ["Classifier", "wrap_classifier", "as_model", "NORMALIZATION_PRESETS", "resolve_normalization",
-           "check_defenses_fit", "PIXEL_DEFENSE_NAMES"]
+__all__ = ["Classifier", "wrap_classifier", "as_model", "NORMALIZATION_PRESETS", "resolve_normalization"]
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = 
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-
-#: defenses that work on pixels (need only the model's predictions): they fit any classifier
-PIXEL_DEFENSE_NAMES = ("double-masking", "double_masking")
-
 
 def _floats(v: Any, what: str) -> tuple[float, ...]:
     if isinstance(v, torch.Tensor):
@@ -174,31 +170,3 @@ def as_model(model: Any, image_size: Sequence[int] | None = None) -> Any:
     if not clf.num_classes and image_size is not None:
         clf.infer_num_classes(image_size)
     return clf
-
-
-def _spec_name(s: Any) -> str | None:
-    if isinstance(s, str):
-        return s.split(":", 1)[0].strip()
-    name = getattr(s, "name", None)
-    return name if isinstance(name, str) else None
-
-
-def _is_pixel(s: Any) -> bool:
-    if getattr(s, "on_pixels", False):
-        return True
-    name = _spec_name(s)
-    if name in PIXEL_DEFENSE_NAMES:
-        return True
-    return type(s).__name__ == "DoubleMasking"
-
-
-def check_defenses_fit(model: Any, defenses: Sequence[Any]) -> None:
-    """Refuse a score-map defense for a model without a score map, in one line naming the
-    defenses that fit it."""
-    if getattr(model, "has_score_map", True) or isinstance(defenses, (str, bytes)):
-        return
-    bad = [(_spec_name(s) or type(s).__name__) for s in defenses if not _is_pixel(s)]
-    if bad:
-        raise PatchcertError(f"{getattr(model, 'arch', type(model).__name__)} is a plain classifier (no score map): "
-                             f"{', '.join(dict.fromkeys(bad))} needs a score-map model; the defenses that fit a "
-                             f"classifier: double-masking (e.g. 'double-masking:k=6')")

@@ -14,6 +14,9 @@ Inputs are run directories written by ``patchcert certify --out RUN`` (``records
   certificates in the records) or from explicit rectangles ``--patch 1x24 --patch 2x12 ...``;
 * ``clean_vs_certified.png`` -- clean vs certified accuracy across runs and defenses (Fig. 2);
 * ``accuracy_bounds.png`` -- clean / robust (attack, upper bound) / certified (lower bound);
+* ``masks_<run>_<index>.png`` -- pixel defenses (double masking): the image with the first
+  mask pair that disagrees with the label, and how many disagreeing one-mask predictions cover
+  each pixel, straight from the records (no score file, no model);
 * ``vulnerability_<run>_<index>.png`` -- image, region scores of the true class and the
   worst-case margin over patch placements, worst placement outlined (Fig. 6); needs the run's
   ``scores.safetensors`` (``patchcert certify --save-scores``) and, for the image, the data.
@@ -43,7 +46,8 @@ from .plots import (
     square_curve,
 )
 from .tables import CSV_FIELDS, ReportRow, report_rows, rows_to_csv, rows_to_markdown
-from .vulnerability import plot_vulnerability, region_scores
+from .disagreement import plot_disagreement
+from .vulnerability import plot_vulnerability, region_scores, scoremap_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ __all__ = [
     "plot_bounds",
     "plot_attack_example",
     "plot_vulnerability",
+    "plot_disagreement",
     "region_scores",
     "make_report",
 ]
@@ -124,7 +129,8 @@ def make_report(
     if plots:
         for fname, title, fn, arg, why in (
             ("certified_vs_square_patch.png", "Certified accuracy vs square patch size", plot_square_sizes, loaded,
-             "no largest_square in the records (certify with --square-cap > 0)"),
+             "no largest_square in the records (certify with --square-cap > 0; a defense that does not search "
+             "squares has none)"),
             ("certified_vs_aspect_ratio.png", "Certified accuracy vs aspect ratio at fixed area", plot_aspect_ratios,
              loaded, "no per-rectangle results (certify with --patch area=24, or --patch 1x24 --patch 2x12 ...)"),
             ("clean_vs_certified.png", "Clean vs certified accuracy", plot_clean_vs_certified, rows, "no results"),
@@ -137,6 +143,10 @@ def make_report(
                 res.skipped.append(f"{fname}: {why}")
     if examples:
         for run in loaded:
+            for p in plot_disagreement(run, list(examples), out, patch=map_patch, data_dir=data_dir):
+                images.append((f"Mask disagreement: {p.stem.removeprefix('masks_')}", p))
+            if not scoremap_rows(run, map_patch):
+                continue
             if not (run.path / SCORES_FILE).is_file():
                 res.skipped.append(f"vulnerability maps of {run.name}: no {SCORES_FILE} (certify with --save-scores)")
                 continue

@@ -41,6 +41,36 @@ class WorstCase:
                    int(d["class"]))
 
 
+@dataclass(frozen=True)
+class MaskPairCase:
+    """Why double masking did not certify an image: ``pair`` = the first mask pair ``(i, j)``
+    (``i == j``: one mask) whose prediction ``cls`` is not the label, in the certificate's
+    order (the first round, then pairs ``i < j`` row-major); ``first_round``: some one-mask
+    prediction already disagrees with the label; ``disagree``: the masks whose one-mask
+    prediction disagrees. JSON: ``{"pair": [i, j], "class": c, "first_round": b, "disagree": [...]}``."""
+
+    pair: tuple[int, int]
+    cls: int
+    first_round: bool
+    disagree: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pair": [int(self.pair[0]), int(self.pair[1])], "class": int(self.cls),
+                "first_round": bool(self.first_round), "disagree": [int(m) for m in self.disagree]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "MaskPairCase":
+        p = d["pair"]
+        return cls((int(p[0]), int(p[1])), int(d["class"]), bool(d["first_round"]),
+                   tuple(int(m) for m in d.get("disagree") or ()))
+
+
+def _worst_from_json(d: Mapping[str, Any] | None) -> "WorstCase | MaskPairCase | None":
+    if d is None:
+        return None
+    return MaskPairCase.from_json(d) if "pair" in d else WorstCase.from_json(d)
+
+
 @dataclass
 class DefenseOutcome:
     """One defense on one image: its prediction and, per patch spec, the certificate."""
@@ -48,7 +78,7 @@ class DefenseOutcome:
     pred: int
     correct: bool
     certified: dict[str, bool]
-    worst: dict[str, WorstCase | None]
+    worst: dict[str, WorstCase | MaskPairCase | None]
     largest_square: int | None
     shapes: dict[str, dict[str, bool]] = field(default_factory=dict)
 
@@ -71,7 +101,7 @@ class DefenseOutcome:
             pred=int(d["pred"]),
             correct=bool(d["correct"]),
             certified={str(k): bool(v) for k, v in d["certified"].items()},
-            worst={str(k): (None if v is None else WorstCase.from_json(v)) for k, v in d.get("worst", {}).items()},
+            worst={str(k): _worst_from_json(v) for k, v in d.get("worst", {}).items()},
             largest_square=None if ls is None else int(ls),
             shapes={str(k): {str(s): bool(b) for s, b in v.items()} for k, v in (d.get("shapes") or {}).items()},
         )
@@ -105,8 +135,8 @@ class ExampleRecord:
 
 
 TABLE_FIELDS = ["index", "label", "clean_pred", "defense", "patch", "pred", "correct", "certified", "margin",
-                "worst_window", "worst_row", "worst_col", "worst_class", "largest_square", "attacked", "success",
-                "adv_pred", "target", "attack_pixel", "attack_steps", "soundness_failure"]
+                "worst_window", "worst_row", "worst_col", "worst_class", "worst_pair", "largest_square", "attacked",
+                "success", "adv_pred", "target", "attack_pixel", "attack_steps", "soundness_failure"]
 
 
 def records_table(records: Any, path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -132,8 +162,9 @@ def records_table(records: Any, path: str | os.PathLike | None = None) -> list[d
                     "index": d["index"], "label": d["label"], "clean_pred": d["clean_pred"], "defense": key,
                     "patch": patch, "pred": o["pred"], "correct": o["correct"], "certified": cert,
                     "margin": None if w is None else w.get("margin"),
-                    "worst_window": None if w is None else "x".join(map(str, w["window"])),
-                    "worst_row": None if w is None else w["row"], "worst_col": None if w is None else w["col"],
+                    "worst_window": None if w is None or "window" not in w else "x".join(map(str, w["window"])),
+                    "worst_row": None if w is None else w.get("row"), "worst_col": None if w is None else w.get("col"),
+                    "worst_pair": None if w is None or "pair" not in w else "x".join(map(str, w["pair"])),
                     "worst_class": None if w is None else w["class"], "largest_square": o.get("largest_square"),
                     "attacked": None if a is None else a.get("attacked"),
                     "success": None if a is None else a.get("success"),

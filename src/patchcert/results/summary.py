@@ -154,6 +154,7 @@ class SummaryCounter:
         self.certified = [0] * len(self.template)
         self.shapes: list[dict[str, int]] = [{} for _ in self.template]
         self.sides: dict[str, dict[int, int]] = {k: {} for k in self.keys}  # largest square side -> count
+        self.searched: set[str] = set()  # defenses with a largest square in some record
         self.first_index: int | None = None
         self.last_index: int | None = None
 
@@ -168,8 +169,10 @@ class SummaryCounter:
                 for sh, b in (o.shapes.get(t.patch) or {}).items():
                     self.shapes[j][sh] = self.shapes[j].get(sh, 0) + bool(b)
             for k in self.keys:
-                side = r.defenses[k].largest_square or 0
-                self.sides[k][side] = self.sides[k].get(side, 0) + 1
+                side = r.defenses[k].largest_square
+                if side is not None:
+                    self.searched.add(k)
+                self.sides[k][side or 0] = self.sides[k].get(side or 0, 0) + 1
             self.undefended += r.clean_pred == r.label
             if self.first_index is None:
                 self.first_index = r.index
@@ -178,12 +181,16 @@ class SummaryCounter:
         return self
 
     def square_curves(self, cap: int) -> dict[str, list[float]]:
-        """Certified accuracy against an s x s patch, s = 1..cap, per defense key."""
+        """Certified accuracy against an s x s patch, s = 1..cap, per defense key (empty for a
+        defense whose records hold no largest square: not searched)."""
         n = self.n
         if cap < 1 or n == 0:
             return {k: [] for k in self.keys}
         out: dict[str, list[float]] = {}
         for k in self.keys:
+            if k not in self.searched:
+                out[k] = []
+                continue
             hist = self.sides[k]
             at_least = sum(c for side, c in hist.items() if side > cap)  # images certified at side >= s
             curve = []

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from ..data import ImageSource, iterate_batches, to_float
 from ..errors import PatchcertError
-from ..geometry import patch_windows
 from ..loader import load_batches
 from ..runtime import precise_math
 from .distributed import _dist_info
@@ -31,21 +30,21 @@ def default_eval_defense(objective: str, cfg: dict | None = None,
     return OBJECTIVES.get(objective, Objective).eval_defense(cfg or {}, windows)
 
 
-def _make_defense(spec: dict[str, Any], wrap: bool = False):
-    """The evaluation defense, built as ``certify`` builds it for the model (``wrap``: the
-    geometry's; a non-wrapping defense on a wrapping map is refused)."""
-    from ..certify import DefenseSpec, build_defenses
+def _make_defense(spec: dict[str, Any], model: Any, patch: str, image_size: tuple[int, int]):
+    """The evaluation defense and patch threat, built as ``certify`` builds them for the model."""
+    from ..planning import plan_threat
+    from ..specs import DefenseSpec
 
     kw = dict(spec)
     name = kw.pop("name", None)
     if not isinstance(name, str):
         raise PatchcertError(f"eval_defense needs a 'name', got {spec!r}")
-    if isinstance(kw.get("window"), list):
-        kw["window"] = tuple(kw["window"])
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
     try:
-        return build_defenses([DefenseSpec(name, kw, name)], wrap=wrap)[0].defense
+        dps, pps = plan_threat([DefenseSpec(name, kw, name)], [patch], model.geometry, tuple(image_size))
     except PatchcertError as e:
         raise PatchcertError(f"eval_defense: {e}") from None
+    return dps[0].defense, pps[0]
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -60,15 +59,19 @@ def evaluate(model: nn.Module, data: ImageSource, patch: str, device: torch.devi
     """Clean and certified accuracy of ``defense`` (default: sign voting, Condition 3.2) on ``data``.
 
     Under an initialised process group each rank evaluates ``data[rank::world]`` and the
-    counts are summed, so every rank returns the accuracies on the whole set. Images are read
+    counts are summed, so every rank returns the accuracies on the whole set. A defense with an
+    expensive pass (``eval_images``, e.g. double masking) is evaluated on that many images spread
+    evenly over ``data`` (its early exit keeps it cheap). Images are read
     through :func:`patchcert.loader.load_batches` (``num_workers``); TF32 is off inside.
     """
-    d = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"}, model.geometry.wrap)
+    d, threat = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"}, model, patch,
+                              data.image_size)
     was = model.training
     model.eval()
-    windows = patch_windows(model, patch, data.image_size)
     rank, world = _dist_info()
-    share = torch.arange(rank, len(data), world)
+    n_eval = min(len(data), d.eval_images or len(data))  # an expensive defense evaluates a spread sample
+    picked = torch.arange(len(data)) if n_eval == len(data) else torch.linspace(0, len(data) - 1, n_eval).round().long()
+    share = picked[rank::world]
     counts = torch.zeros(2, dtype=torch.float64)
     batches = [share[idx] for idx in iterate_batches(len(share), batch_size, shuffle=False)]
     cuda = device.type == "cuda"
@@ -76,13 +79,15 @@ def evaluate(model: nn.Module, data: ImageSource, patch: str, device: torch.devi
         for xb, yb, _ in load_batches(data, batches, num_workers, pin_memory=cuda):
             x = to_float(xb.to(device, non_blocking=cuda))
             y = yb.to(device, non_blocking=cuda)
-            with autocast(device, bf16):
-                s = model.score_map(x)
-            s = s.float()
-            counts[0] += int((d.predict(s) == y).sum())
-            counts[1] += int(d.certify(s, y, windows).sum())
+            s = None
+            if d.evidence_source == "scores":
+                with autocast(device, bf16):
+                    s = model.score_map(x).float()
+            ev = d.compute_evidence(model, x, s, y)
+            counts[0] += int((d.predict_evidence(ev).to(y.device) == y).sum())
+            counts[1] += int(d.certify_threat(ev, y, threat).certified.sum())
     if world > 1:
         torch.distributed.all_reduce(counts)
     model.train(was)
-    n = max(1, len(data))
+    n = max(1, n_eval)
     return {"clean_acc": float(counts[0]) / n, "cert_acc": float(counts[1]) / n}

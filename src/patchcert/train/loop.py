@@ -140,7 +140,7 @@ def _build(cfg: TrainConfig, train_set: ImageSource, eval_set: ImageSource, devi
     except ValueError as e:
         raise PatchcertError(f"eval_patch: {e}") from None
     eval_defense = cfg.eval_defense or objective.eval_defense(cfg.objective_cfg, eval_windows)  # the objective's own
-    _make_defense(eval_defense, model.geometry.wrap)
+    _make_defense(eval_defense, model, cfg.eval_patch, eval_set.image_size)
     return model, objective, module, opt, eval_defense
 
 

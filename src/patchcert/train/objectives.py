@@ -462,6 +462,13 @@ class MaskCutoutObjective(Objective):
     """
 
     name = "mask_cutout"
+
+    @classmethod
+    def eval_defense(cls, cfg: dict[str, Any], windows: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Double masking with the objective's own mask set (``patch``, ``k``, ``fill``)."""
+        return {"name": "double-masking", "k": cfg.get("k", 6), "patch": str(cfg.get("patch", "5x5")),
+                "fill": cfg.get("fill", 0.5)}
+
     uses_generator = True
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
