@@ -51,7 +51,7 @@ from .planning import (
 )
 from .runtime import precise_math
 from .selection import dataset_indices
-from .skipping import SKIPPED_FILE, not_recorded, record_skipped, resume_skipped  # noqa: F401  (SKIPPED_FILE: re-exported)
+from .skipping import SKIPPED_FILE, not_recorded, record_skipped, resume_skipped  # noqa: F401  (re-exported)
 from .specs import DefenseSpec, parse_defense_spec
 from .specs import jsonable as _jsonable
 from .squares import largest_certified_square, square_summary, square_windows
@@ -295,7 +295,7 @@ class _Job:
     command: str
     num_workers: int | None = None
     skip_bad_images: bool = False  # record unreadable images in skipped.jsonl instead of stopping
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # {index, reason}, in order
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {index, reason}: filled as the run goes
 
     @property
     def dtype_name(self) -> str:
@@ -303,7 +303,7 @@ class _Job:
 
 
 def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dtype, num_examples, start, shard,
-              out_dir, save_scores, square_cap, square_method, seed, command, num_workers) -> _Job:
+              out_dir, save_scores, square_cap, square_method, seed, command, num_workers, skip_bad_images) -> _Job:
     if scores is None:
         if model is not None and data is not None:
             data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
@@ -357,7 +357,7 @@ def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dty
                 batch_size=batch_size, dtype=dtype, device=dev, shard=shard_t, batches=batches, lo=lo, total=hi - lo,
                 map_size=map_size, config=config, square_cap=square_cap,  # type: ignore[arg-type]
                 square_method=square_method, save_scores=bool(save_scores), seed=seed, command=command,
-                num_workers=num_workers)
+                num_workers=num_workers, skip_bad_images=bool(skip_bad_images))
 
 
 def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tuple[int, int] | None,
@@ -389,7 +389,7 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
         return [], {}
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    job.skipped = resume_skipped(job.data, run_dir, first, job.total, [r.index for r in done])
+    job.skipped[:] = resume_skipped(job.data, run_dir, first, job.total, [r.index for r in done])
     skipped = {int(s["index"]) for s in job.skipped}
     window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(skipped), job.total)))
     expect = [i for i in window.tolist() if i not in skipped]
@@ -654,8 +654,7 @@ def certify_dataset(
     job = _plan_job(model=model, data=data, scores=scores, defenses=defenses, patches=patches, batch_size=batch_size,
                     device=device, dtype=dtype, num_examples=num_examples, start=start, shard=shard, out_dir=out_dir,
                     save_scores=save_scores, square_cap=square_cap, square_method=square_method, seed=seed,
-                    command=command, num_workers=num_workers)
-    job.skip_bad_images = bool(skip_bad_images)
+                    command=command, num_workers=num_workers, skip_bad_images=skip_bad_images)
     with contextlib.ExitStack() as stack:
         run_dir: Path | None = None
         done: list[ExampleRecord] = []
