@@ -163,6 +163,9 @@ def as_model(model: Any, image_size: Sequence[int] | None = None) -> Any:
     classifier whose number of classes is unknown runs once on ``image_size``."""
     if model is None or isinstance(model, ScoreMapModel) and not isinstance(model, Classifier):
         return model
+    if not isinstance(model, Classifier) and callable(getattr(model, "score_map", None)) \
+            and getattr(model, "geometry", None) is not None:
+        return model  # a module that follows the score-map protocol without subclassing ScoreMapModel
     if not isinstance(model, nn.Module):
         raise PatchcertError(f"the model must be a torch.nn.Module (images in [0, 1] -> logits [N, K]), "
                              f"got {type(model).__name__}")
