@@ -14,6 +14,7 @@ import pytest
 from patchcert import rundir
 from patchcert.cli import main
 from patchcert.errors import PatchcertError
+from test_runs_and_errors import _one_line
 
 CERT = ["certify", "--model", "bagcert_cifar", "--model-cfg", '{"rf": 5, "width": 4}', "--dataset", "synthetic",
         "-n", "4", "--batch-size", "2", "--patch", "2x2", "--no-progress", "--json", "--square-cap", "0"]
@@ -34,16 +35,6 @@ def _hashes(root: Path) -> dict[str, str]:
             rel = str(p.relative_to(root))
             out[rel] = os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def _one_line(capsys, rc, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
-    assert rc == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _user_folder(root: Path) -> Path:

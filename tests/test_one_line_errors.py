@@ -16,6 +16,7 @@ import torch
 from patchcert.checkpoint import load_tensors, save_checkpoint, save_tensors
 from patchcert.cli import main
 from patchcert.models import create_model
+from test_runs_and_errors import _one_line as _shared_one_line
 
 TINY = ["--model", "bagcert_cifar", "--model-cfg", '{"rf": 5, "width": 4}', "--dataset", "synthetic", "-n", "4",
         "--batch-size", "2", "--patch", "2x2", "--no-progress"]
@@ -27,13 +28,7 @@ TRAIN = ["train", "--dataset", "synthetic", "--model", "bagcert_cifar", "--set",
 
 
 def _one_line(capsys, rc, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
-    assert rc == 2, err
-    assert len(lines) == 1 and "Traceback" not in err and "Warning" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return _shared_one_line(capsys, rc, *needles, no_warnings=True)
 
 
 def _with(argv: list[str], flag: str, value: str) -> list[str]:

@@ -26,11 +26,14 @@ CERT = ["certify", "--model", "bagcert_cifar", "--model-cfg", '{"rf": 5, "width"
         "-n", "6", "--batch-size", "2", "--patch", "2x2", "--no-progress", "--json", "--square-cap", "0"]
 
 
-def _one_line(capsys, rc, *needles: str) -> str:
+def _one_line(capsys, rc, *needles: str, no_warnings: bool = False) -> str:
+    """The CLI exited 2 with exactly one error line containing every needle, and no traceback
+    (``no_warnings``: nor any warning line); returns that line. Shared by the error-path tests."""
     err = capsys.readouterr().err
     lines = [ln for ln in err.strip().splitlines() if "error" in ln]
     assert rc == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
+    assert not (no_warnings and "Warning" in err), err
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]

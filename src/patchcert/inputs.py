@@ -106,4 +106,4 @@ def check_defenses_fit(model: Any, defenses: Sequence[Any]) -> None:
         fit = [n for n in list_defenses() if defense_class(n).evidence_source == "images"]
         raise PatchcertError(f"{getattr(model, 'arch', type(model).__name__)} is a plain classifier (no score map): "
                              f"{', '.join(dict.fromkeys(bad))} needs a score-map model; the defenses that fit a "
-                             f"classifier: {', '.join(fit)} (e.g. 'double-masking:k=6')")
+                             f"classifier: {', '.join(fit)}")
