@@ -116,3 +116,68 @@ def test_training_evaluation_of_mask_cutout_certifies_with_double_masking():
     row = run.summary.results[0]
     assert ev["cert_acc"] == pytest.approx(row.certified_accuracy)  # 5 images < 64: all of them
     assert ev["clean_acc"] == pytest.approx(row.clean_accuracy)
+
+
+def _tiny_teacher(tmp_path: Path, num_classes: int = 3) -> str:
+    from patchcert.checkpoint import save_checkpoint
+
+    torch.manual_seed(7)
+    t = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=num_classes)
+    path = tmp_path / "teacher.safetensors"
+    save_checkpoint(path, t)
+    return str(path)
+
+
+def test_distillation_loss_is_the_documented_mixture(tmp_path: Path):
+    """Soft targets come from the teacher on the *unmasked* images; the loss is
+    (1 - a) CE + a T^2 KL(teacher || student), checked against a hand computation."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    teacher_path = _tiny_teacher(tmp_path)
+    model = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3)
+    obj = create_objective("mask_cutout", model, (32, 32), patch="5x5", k=3, teacher=teacher_path,
+                           distill_weight=0.3, distill_temperature=2.0, label_smoothing=0.1)
+    assert obj.refines and obj.describe()["teacher"] == teacher_path
+    clean = torch.rand(5, 3, 32, 32)
+    masked = obj.prepare(clean.clone(), torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (5,))
+    x = obj.refine(clean, masked, y, model, lambda _: contextlib.nullcontext())
+    assert torch.equal(x, masked)  # no greedy fraction: the input is unchanged
+    out = model(x)
+    got = obj.loss(out, y)
+    with torch.no_grad():
+        t = load_model(teacher_path)(clean).mean((2, 3))
+    s = out.float().mean((2, 3))
+    want = 0.7 * F.cross_entropy(s, y, label_smoothing=0.1) + 0.3 * 4.0 * F.kl_div(
+        F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean")
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()  # gradients reach the student, never the teacher
+    assert all(p.grad is None for p in obj.teacher.parameters())
+    with pytest.raises(PatchcertError, match="refine must run"):
+        obj.loss(model(x), y)  # the targets are used once
+
+
+@pytest.mark.parametrize("bad", [{"teacher": ""}, {"teacher": "no_such_model"}, {"distill_weight": 1.5},
+                                 {"distill_temperature": 0.0}, {"teacher_classes": 4}])
+def test_distillation_bad_options(tmp_path: Path, bad):
+    model = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4)
+    with pytest.raises(PatchcertError):
+        opts = {"teacher": _tiny_teacher(tmp_path, bad.pop("teacher_classes", 10))} | bad
+        create_objective("mask_cutout", model, (32, 32), **opts)
+
+
+def test_distilled_training_resumes_bit_identically(tmp_path: Path):
+    base = dict(model="fastnet_cifar", model_cfg={"widths": [4, 4, 4], "stem": 4}, dataset="synthetic",
+                objective="mask_cutout", objective_cfg={"patch": "3x3", "k": 3, "teacher": _tiny_teacher(tmp_path),
+                                                        "greedy_fraction": 0.5, "greedy_candidates": 2},
+                dataset_cfg={"num_classes": 3}, epochs=2, batch_size=16, optimizer="sgd", lr=0.05, warmup_epochs=0.5, eval_examples=16, seed=3,
+                num_threads=1)
+    train(TrainConfig(**base, out_dir=str(tmp_path / "a")))
+    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), stop_after_epoch=1)
+    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), resume=True)
+    a, b = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert a.checkpoint_meta["objective"]["distill_weight"] == 0.5

@@ -459,6 +459,13 @@ class MaskCutoutObjective(Objective):
     random); masked pixels take ``fill``. The masks come from the data generator, so runs
     resume exactly and every DDP rank sees the same occlusions. Loss: cross-entropy of the
     (spatially averaged) logits with ``label_smoothing``.
+
+    Distillation (``teacher``: a shipped model name or a checkpoint path): the teacher's soft
+    targets are taken from the *unmasked* image, and the loss becomes
+    ``(1 - a) CE + a T^2 KL(softmax(t / T) || softmax(s / T))`` with ``a = distill_weight`` and
+    ``T = distill_temperature`` (Hinton et al., 2015). The teacher runs in eval mode without
+    gradients (one extra forward pass per image); it is not saved with the run, so a resumed run
+    must find the same teacher.
     """
 
     name = "mask_cutout"
@@ -473,7 +480,8 @@ class MaskCutoutObjective(Objective):
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
                  probs: Sequence[float] = (0.2, 0.3, 0.5), fill: float = 0.5, label_smoothing: float = 0.0,
-                 greedy_fraction: float = 0.0, greedy_candidates: int = 8) -> None:
+                 greedy_fraction: float = 0.0, greedy_candidates: int = 8, teacher: str | None = None,
+                 distill_weight: float = 0.5, distill_temperature: float = 4.0) -> None:
         super().__init__(model, image_size)
         from ..geometry import parse_patch
         from ..masks import mask_set
@@ -504,7 +512,46 @@ class MaskCutoutObjective(Objective):
             raise PatchcertError(f"objective 'mask_cutout': greedy_candidates must be a positive int, "
                                  f"got {greedy_candidates!r}")
         self.greedy_candidates = greedy_candidates
-        self.refines = self.greedy_fraction > 0
+        self._init_teacher(model, teacher, distill_weight, distill_temperature)
+        self.refines = self.greedy_fraction > 0 or self.teacher is not None
+
+    def _init_teacher(self, model: nn.Module, teacher: str | None, weight: float, temperature: float) -> None:
+        self.teacher_name = teacher
+        self.distill_weight = _number("mask_cutout distill_weight", weight, lo=0.0)
+        if self.distill_weight > 1:
+            raise PatchcertError(f"objective 'mask_cutout': distill_weight must be in [0, 1], got {weight!r}")
+        self.distill_temperature = _number("mask_cutout distill_temperature", temperature, lo=0.0)
+        if not self.distill_temperature > 0:
+            raise PatchcertError(f"objective 'mask_cutout': distill_temperature must be positive, got {temperature!r}")
+        self.teacher: nn.Module | None = None
+        self._soft: torch.Tensor | None = None  # this step's teacher probabilities (set by refine)
+        if teacher is None:
+            return
+        if not isinstance(teacher, str) or not teacher:
+            raise PatchcertError(f"objective 'mask_cutout': teacher must be a shipped model name or a checkpoint "
+                                 f"path, got {teacher!r}")
+        from pathlib import Path
+
+        from ..models import load_model
+        from ..pretrained import load_pretrained
+
+        self.teacher = load_model(teacher) if Path(teacher).is_file() else load_pretrained(teacher)
+        want, got = getattr(model, "num_classes", None), getattr(self.teacher, "num_classes", None)
+        if want is not None and got is not None and want != got:
+            raise PatchcertError(f"objective 'mask_cutout': teacher {teacher!r} has {got} classes, the model {want}")
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _teacher_probs(self, clean: torch.Tensor, autocast: Callable[[Any], Any]) -> torch.Tensor:
+        """Softened class probabilities of the teacher on the unmasked images (float32)."""
+        assert self.teacher is not None
+        t = self.teacher.to(clean.device).eval()
+        with autocast(None):
+            out = t(clean)
+        out = out.float()
+        out = out.mean((2, 3)) if out.dim() == 4 else out
+        return F.softmax(out / self.distill_temperature, dim=1)
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         from ..masks import apply_masks, random_masks
@@ -523,6 +570,8 @@ class MaskCutoutObjective(Objective):
         """
         from ..masks import apply_masks
 
+        if self.teacher is not None:
+            self._soft = self._teacher_probs(clean, autocast)
         g = int(round(self.greedy_fraction * clean.shape[0]))
         if g == 0:
             return x
@@ -554,9 +603,22 @@ class MaskCutoutObjective(Objective):
         s = out.float()
         if s.dim() == 4:
             s = s.mean((2, 3))
-        return F.cross_entropy(s, labels, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(s, labels, label_smoothing=self.label_smoothing)
+        if self.teacher is None:
+            return ce
+        soft, self._soft = self._soft, None
+        if soft is None or soft.shape != s.shape:  # (class counts are checked when the teacher is loaded)
+            raise PatchcertError("objective 'mask_cutout': distillation needs the teacher's targets of this batch "
+                                 "(refine must run before loss)")
+        temp = self.distill_temperature
+        kl = F.kl_div(F.log_softmax(s / temp, dim=1), soft, reduction="batchmean") * temp * temp
+        return (1 - self.distill_weight) * ce + self.distill_weight * kl
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "patch": self.patch, "k": self.k, "probs": self.probs, "fill": self.fill,
-                "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets],
-                "greedy_fraction": self.greedy_fraction, "greedy_candidates": self.greedy_candidates}
+        d = {"name": self.name, "patch": self.patch, "k": self.k, "probs": self.probs, "fill": self.fill,
+             "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets],
+             "greedy_fraction": self.greedy_fraction, "greedy_candidates": self.greedy_candidates}
+        if self.teacher is not None:
+            d.update(teacher=self.teacher_name, distill_weight=self.distill_weight,
+                     distill_temperature=self.distill_temperature)
+        return d
