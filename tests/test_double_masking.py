@@ -377,11 +377,11 @@ def test_attack_dataset_attacks_double_masking_through_the_defense(tmp_path):
     key = "double-masking(k=2)"
     assert run.failures == []
     for r, c in zip(run.records, cert.records):
-        o = r["defenses"][key]
-        assert o["pred"] == c.defenses[key].pred and o["certified"]["5x5"] == c.defenses[key].certified["5x5"]
-        a = o["attack"]["5x5"]
-        assert a["attacked"] == o["correct"] and not (a["success"] and o["certified"]["5x5"])
-        if a["attacked"]:
-            assert a["attempts"] >= 1 and a["steps"] == 100 * a["attempts"]  # the attack flags' defaults
+        o = r.defenses[key]
+        assert o.pred == c.defenses[key].pred and o.certified["5x5"] == c.defenses[key].certified["5x5"]
+        a = o.attack["5x5"]
+        assert a.attacked == o.correct and not (a.success and o.certified["5x5"])
+        if a.attacked:
+            assert a.attempts >= 1 and a.steps == 100 * a.attempts  # the attack flags' defaults
     row = run.summary["results"][0]
     assert row["certified_accuracy"] <= row["robust_accuracy"] <= row["clean_accuracy"]

@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint", "geometry", "masks", "runtime", "windows", "specs"},  # no model, data or defense
     {"rundir", "models", "augment", "squares"},
     {"results", "data"},
-    {"defenses", "loader", "pretrained", "selection"},
+    {"defenses", "loader", "pretrained", "selection", "runs"},  # runs: the one run loop
     {"planning", "inputs", "skipping"},
     {"batch"},
     {"certify"},

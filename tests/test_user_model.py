@@ -218,12 +218,12 @@ def test_attack_dataset_takes_a_plain_module(user_model):
     _, _, m = user_model
     x, y = _data(4)
     run = patchcert.attack_dataset(m, (x, y), defenses=["double-masking:k=2"], patches=["5x5"], indices=[3, 0])
-    assert [r["index"] for r in run.records] == [3, 0]
+    assert [r.index for r in run.records] == [3, 0]
     res = run.summary["results"][0]
     assert res["certified_accuracy"] <= res["robust_accuracy"] <= res["clean_accuracy"]
     assert not run.failures
     cert = _brute_force_certified(m, x[[3, 0]], y[[3, 0]])
-    assert [r["defenses"]["double-masking(k=2)"]["certified"]["5x5"] for r in run.records] == cert
+    assert [r.defenses["double-masking(k=2)"].certified["5x5"] for r in run.records] == cert
 
 
 def test_selection_is_seeded_recorded_and_resumable(user_model, tmp_path):

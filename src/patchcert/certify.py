@@ -49,6 +49,7 @@ from .planning import (
     plan_patches,
     plan_threat,
 )
+from .runs import BatchResult, RecordSink, run_batches
 from .runtime import precise_math
 from .selection import dataset_indices
 from .skipping import SKIPPED_FILE, not_recorded, record_skipped, resume_skipped  # noqa: F401  (re-exported)
@@ -69,7 +70,6 @@ from .results import (
     ScoreFile,
     Summary,
     WorstCase,
-    append_records,
     load_scores,
     read_json,
     read_summary,
@@ -426,9 +426,7 @@ def _start_run_dir(job: _Job, run_dir: Path, done: list[ExampleRecord], timing: 
     for f in (SUMMARY_FILE, SUMMARY_CSV):  # a finished run is only finished once rewritten
         (run_dir / f).unlink(missing_ok=True)
     write_json(run_dir / CONFIG_FILE, job.config)
-    (run_dir / RECORDS_FILE).touch()
-    write_json(run_dir / PROGRESS_FILE, {"done": len(done) + len(job.skipped), "total": job.total, "complete": False,
-                                         "timing": timing})
+    RecordSink(run_dir, job.total, lambda: timing).start(len(done) + len(job.skipped))
 
 
 def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
@@ -465,11 +463,10 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
 def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord], ndone: int, timer: _Timer,
                   progress: Callable[[int, int], None] | None, counter: SummaryCounter,
                   keep: bool = True) -> list[ExampleRecord]:
-    """Certify the job's remaining batches (``ndone`` examples are recorded already), appending
-    records to ``run_dir`` and counting them in ``counter`` as it goes; ``records`` (the
-    resumed ones, if kept) is extended with the new ones if ``keep`` (else memory stays flat)."""
-    if progress is not None:
-        progress(ndone, job.total)
+    """Certify the job's remaining batches (``ndone`` examples are settled already) through the
+    one run loop (:func:`patchcert.runs.run_batches`): records are appended to ``run_dir`` and
+    counted in ``counter`` as it goes; ``records`` (the resumed ones, if kept) is extended with
+    the new ones if ``keep`` (else memory stays flat)."""
     parts_dir = run_dir / "scores.parts" if run_dir is not None else None
     if job.save_scores and parts_dir is not None:
         parts_dir.mkdir(exist_ok=True)
@@ -479,6 +476,7 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
         model.to(job.device).eval()
     B, n = job.batch_size, job.num_examples
     todo = [b for b in job.batches if min((b + 1) * B, n) - job.lo > ndone]  # not fully recorded
+    bad: list[dict[str, Any]] = []  # the unreadable images of the current batch
     images = None
     if job.scores is None:
         from .loader import load_batches
@@ -487,48 +485,50 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
                               job.num_workers, pin_memory=job.device.type == "cuda",
                               on_bad=(lambda i, why: bad.append({"index": i, "reason": why}))
                               if job.skip_bad_images else None)
-    bad: list[dict[str, Any]] = []  # the unreadable images of the current batch
+    settled = [ndone]  # examples settled before the batch the step is on
+
+    def step(b: int) -> BatchResult[ExampleRecord]:
+        bad.clear()
+        new, new_bad = _certify_one_batch(job, b, images, bad, parts_dir, settled[0], timer)
+        record_skipped(run_dir, new_bad)  # before the records: a resume trims what they do not reach
+        job.skipped.extend(new_bad)
+        settled[0] += len(new) + len(new_bad)
+        return BatchResult(new, len(new) + len(new_bad))
+
+    sink = RecordSink(run_dir, job.total, lambda: timer.totals) if run_dir is not None else None
     try:
         with torch.no_grad(), precise_math():
-            for b in todo:
-                lo, hi = b * B, min((b + 1) * B, n)
-                pos = torch.arange(job.start + lo, job.start + hi)
-                bad.clear()
-                smap, y, idx, x = _batch_maps(job, pos, images, timer)
-                if smap is None:
-                    batch_records: list[ExampleRecord] = []
-                elif job.save_scores and parts_dir is not None:
-                    save_tensors(parts_dir / f"{lo:09d}.safetensors",
-                                 {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
-                if smap is not None:  # never round the map down: a float64 model is certified on its float64 scores
-                    sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
-                    yd = y.to(job.device)
-                    ev = batch_evidence(job.defense_plans, job.model, x, sdef, yd, timer)
-                    batch_records = certify_batch(sdef, yd, idx.tolist(), job.defense_plans, job.patch_plans,
-                                                  job.squares, timer, job.square_method, evidence=ev)
-                timer.add("images", float(len(pos)))
-                if job.scores is None:  # by position (of a selection); unreadable images are left out
-                    new, new_bad = not_recorded(job.data, job.start + job.lo + ndone, pos, batch_records, bad)
-                else:
-                    new, new_bad = (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records), []
-                record_skipped(run_dir, new_bad)  # before the records: a resume trims what they do not reach
-                if run_dir is not None:
-                    append_records(run_dir / RECORDS_FILE, new)
-                    write_json(run_dir / PROGRESS_FILE, {"done": ndone + len(new) + len(new_bad), "total": job.total,
-                                                         "complete": False, "timing": timer.totals})
-                job.skipped.extend(new_bad)
-                counter.add(new)
-                if keep:
-                    records.extend(new)
-                ndone += len(new) + len(new_bad)
-                if progress is not None:
-                    progress(ndone, job.total)
+            run_batches(todo, step, tally=counter, total=job.total, done=ndone, sink=sink,
+                        keep=records if keep else None, progress=progress)
     finally:
         if images is not None:
             images.close()  # stops DataLoader workers early if the loop raised
         if model is not None and was_training:
             model.train(True)
     return records
+
+
+def _certify_one_batch(job: _Job, b: int, images: Any, bad: list[dict[str, Any]], parts_dir: Path | None,
+                       ndone: int, timer: _Timer) -> tuple[list[ExampleRecord], list[dict[str, Any]]]:
+    """Batch ``b``'s new records and its newly skipped images (``ndone``: examples settled before)."""
+    B, n = job.batch_size, job.num_examples
+    lo, hi = b * B, min((b + 1) * B, n)
+    pos = torch.arange(job.start + lo, job.start + hi)
+    smap, y, idx, x = _batch_maps(job, pos, images, timer)
+    batch_records: list[ExampleRecord] = []
+    if smap is not None and job.save_scores and parts_dir is not None:
+        save_tensors(parts_dir / f"{lo:09d}.safetensors",
+                     {"scores": smap.float(), "labels": y, "indices": idx}, {"lo": lo, "hi": hi})
+    if smap is not None:  # never round the map down: a float64 model is certified on its float64 scores
+        sdef = smap.to(torch.promote_types(smap.dtype, job.dtype))
+        yd = y.to(job.device)
+        ev = batch_evidence(job.defense_plans, job.model, x, sdef, yd, timer)
+        batch_records = certify_batch(sdef, yd, idx.tolist(), job.defense_plans, job.patch_plans,
+                                      job.squares, timer, job.square_method, evidence=ev)
+    timer.add("images", float(len(pos)))
+    if job.scores is None:  # by position (of a selection); unreadable images are left out
+        return not_recorded(job.data, job.start + job.lo + ndone, pos, batch_records, bad)
+    return (batch_records[ndone - (lo - job.lo):] if lo - job.lo < ndone else batch_records), []
 
 
 def _per_image(timer: _Timer, key: str, count_key: str = "images") -> float | None:
@@ -581,7 +581,7 @@ def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, time
             "data": prov["data"], "shard": list(job.shard) if job.shard else None,
         }, job.total - len(job.skipped))
     write_summary(run_dir, summary)
-    write_json(run_dir / PROGRESS_FILE, {"done": ndone, "total": job.total, "complete": True, "timing": timer.totals})
+    RecordSink(run_dir, job.total, lambda: timer.totals).finish(ndone)
 
 
 def certify_dataset(

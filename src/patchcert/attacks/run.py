@@ -6,17 +6,12 @@ attacked on every correctly classified example (:func:`~patchcert.attacks.attack
 A certified example the attack breaks is a *soundness failure* (``AttackRun.failures``).
 
 Run directory (``out_dir``; held by this process for the whole run, see
-:mod:`patchcert.rundir`): ``config.json`` (checked on ``resume``), ``records.jsonl`` (one line
-per example, appended per batch), ``summary.json`` (at the end); ``patchcert attack
---save-png`` adds ``png/``.
-One record::
-
-    {"index": 7, "label": 3, "clean_pred": 3,
-     "defenses": {"voting(sign,3.2)": {"pred": 3, "correct": true,
-         "certified": {"5x5": false},
-         "attack": {"5x5": {"attacked": true, "success": true, "adv_pred": 5, "target": 5,
-                            "pixel": [12, 3], "patch": [5, 5], "steps": 41, ...,
-                            "soundness_failure": false}}}}}
+:mod:`patchcert.rundir`): ``config.json`` (checked on ``resume``), ``records.jsonl`` (one
+:class:`~patchcert.results.AttackRecord` per example, appended per batch), ``progress.json``,
+``summary.json`` (at the end); ``patchcert attack --save-png`` adds ``png/``. The run is the
+one run loop (:func:`patchcert.runs.run_batches`) with the attack's per-batch function and
+:class:`~patchcert.results.AttackCounter`: records are streamed and counted as they come, and
+kept in memory only with ``keep_records=True``.
 """
 
 from __future__ import annotations
@@ -36,6 +31,8 @@ import torch
 from .. import rundir
 from ..loader import load_batches
 from ..errors import PatchcertError
+from ..results import AttackCounter, AttackDefenseOutcome, AttackOutcome, AttackRecord, attack_record
+from ..runs import BatchResult, RecordSink, run_batches
 from ..selection import dataset_indices
 from .patch import PatchAttackConfig, attack_and_check
 from .selection import affected_mask
@@ -47,15 +44,17 @@ __all__ = ["AttackRun", "AttackExample", "attack_dataset"]
 RECORDS = "records.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
+PROGRESS = "progress.json"
 
 
 @dataclass
 class AttackRun:
     """What :func:`attack_dataset` returns: the summary (as written to ``summary.json``), the
-    records (in index order), the run directory (None in memory) and its config."""
+    records (in index order; empty with ``keep_records=False``: they are in
+    ``out_dir/records.jsonl``), the run directory (None in memory) and its config."""
 
     summary: dict[str, Any]
-    records: list[dict[str, Any]]
+    records: list[AttackRecord]
     out_dir: Path | None
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -67,9 +66,10 @@ class AttackRun:
 
     @property
     def failures(self) -> list[tuple[str, str, int]]:
-        """``(defense key, patch, example index)`` of every certified example the attack broke."""
-        return [(k, p, r["index"]) for r in self.records for k, o in r["defenses"].items()
-                for p, a in o["attack"].items() if a["soundness_failure"]]
+        """``(defense key, patch, example index)`` of the certified examples the attack broke
+        (the first 100 per defense x patch; ``summary["soundness_failures"]`` counts them all)."""
+        return [(r["defense"], r["patch"], int(i)) for r in self.summary["results"]
+                for i in r["soundness_failure_indices"]]
 
 
 @dataclass
@@ -80,8 +80,8 @@ class AttackExample:
 
     ``image`` / ``adv``: the clean and attacked images ``[3, H, W]`` in [0, 1]; ``ev_clean`` /
     ``ev_adv``: the attack target's (else the predicted class's) per-cell evidence ``[H', W']``
-    before and after; ``record``: the example's attack record for this patch; ``reach``: the
-    cells the patch can touch (bool ``[H', W']``, None if the patch was not placed);
+    before and after; ``record``: the example's :class:`~patchcert.results.AttackOutcome` for
+    this patch; ``reach``: the cells the patch can touch (bool ``[H', W']``, None if the patch was not placed);
     ``evidence_name``: what the evidence is called (e.g. ``votes``)."""
 
     index: int
@@ -91,7 +91,7 @@ class AttackExample:
     adv: torch.Tensor
     ev_clean: torch.Tensor
     ev_adv: torch.Tensor
-    record: dict[str, Any]
+    record: AttackOutcome
     label: int
     pred: int
     classes: list[str]
@@ -151,25 +151,25 @@ def _plan(model, data, defenses, patches, config, strong, batch_size, device, dt
 
 
 def _report_examples(job: _AttackJob, on_example: Callable[[AttackExample], None], d, dp_key: str, pp, x, s, pred,
-                     y, idx, res, chk, rows, batch) -> None:
+                     y, idx, res, chk, rows, batch: list[AttackRecord]) -> None:
     with torch.no_grad():
         adv_s = job.model.score_map(res.adv_images[rows]).to(job.dtype)
     ev_c, ev_a = d.evidence(s[rows]), d.evidence(adv_s)
     geom = job.model.geometry
     for j, k in enumerate(rows):
-        e = batch[k]["defenses"][dp_key]["attack"][pp.text]
-        tgt = e["target"] if e["target"] is not None else int(pred[k])
+        e = batch[k].defenses[dp_key].attack[pp.text]
+        tgt = e.target if e.target is not None else int(pred[k])
         reach = None
-        if e["pixel"] is not None:
-            reach = affected_mask(geom, torch.tensor([e["pixel"][0]]), torch.tensor([e["pixel"][1]]),
-                                  e["patch"][0], e["patch"][1], tuple(s.shape[-2:]))[0]
+        if e.pixel is not None and e.patch is not None:
+            reach = affected_mask(geom, torch.tensor([e.pixel[0]]), torch.tensor([e.pixel[1]]),
+                                  e.patch[0], e.patch[1], tuple(s.shape[-2:]))[0]
         on_example(AttackExample(int(idx[k]), dp_key, pp.text, x[k].cpu(), res.adv_images[k].cpu(),
                                  ev_c[j, tgt].cpu(), ev_a[j, tgt].cpu(), e, int(y[k]), int(pred[k]),
                                  list(job.data.classes), bool(chk.certified[k]), reach, d.evidence_name))
 
 
 def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, seconds: dict[str, float],
-                  on_example: Callable[[AttackExample], None] | None) -> list[dict]:
+                  on_example: Callable[[AttackExample], None] | None) -> list[AttackRecord]:
     """Records of one batch: images ``xb``, labels ``yb`` of the dataset examples ``idx``."""
     from ..data import to_float
 
@@ -180,17 +180,15 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
     s = s32.to(job.dtype)
     und = s.mean((2, 3)).argmax(1)
     png_rows = [k for k, i in enumerate(idx.tolist()) if i - job.start < job.save_png] if on_example else []
-    batch = [{"index": int(i), "label": int(y[k]), "clean_pred": int(und[k]), "defenses": {}}
-             for k, i in enumerate(idx.tolist())]
+    batch = [AttackRecord(int(i), int(y[k]), int(und[k]), {}) for k, i in enumerate(idx.tolist())]
     for dp in job.defenses:
         d = dp.defense
         if dp.needs_images:
             _attack_pixel_defense(job, dp, x, y, batch, seconds)
             continue
         pred = d.predict(s)
-        for k in range(len(batch)):
-            batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]),
-                                            "certified": {}, "attack": {}}
+        for k, r in enumerate(batch):
+            r.defenses[dp.key] = AttackDefenseOutcome(int(pred[k]), bool(pred[k] == y[k]), {}, {})
         for pp in job.patches:
             t0 = time.perf_counter()
             cert = d.certify(s, y, pp.windows)
@@ -200,17 +198,16 @@ def _attack_batch(job: _AttackJob, xb: torch.Tensor, yb: torch.Tensor, idx: torc
                 torch.cuda.synchronize(job.device)
             key = f"{dp.key}|{pp.text}"
             seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-            for k in range(len(batch)):
-                e = chk.result.example(k)
-                e["soundness_failure"] = bool(chk.soundness_failure[k])
-                batch[k]["defenses"][dp.key]["certified"][pp.text] = bool(chk.certified[k])
-                batch[k]["defenses"][dp.key]["attack"][pp.text] = e
+            for k, r in enumerate(batch):
+                e = {**chk.result.example(k), "soundness_failure": bool(chk.soundness_failure[k])}
+                r.defenses[dp.key].certified[pp.text] = bool(chk.certified[k])
+                r.defenses[dp.key].attack[pp.text] = AttackOutcome.from_json(e)
             if png_rows and on_example is not None:
                 _report_examples(job, on_example, d, dp.key, pp, x, s, pred, y, idx, chk.result, chk, png_rows, batch)
     return batch
 
 
-def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Tensor, batch: list[dict],
+def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Tensor, batch: list[AttackRecord],
                           seconds: dict[str, float]) -> None:
     """A pixel defense (double masking): PGD patches evaluated through the defense
     (:func:`patchcert.attacks.pixels.attack_pixels`) with the run's attack settings (steps,
@@ -223,9 +220,8 @@ def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Te
         ev = d.compute_evidence(job.model, x, None, y)
     pred = d.predict_evidence(ev).to(y.device)
     seconds[f"{dp.key}|evidence"] = seconds.get(f"{dp.key}|evidence", 0.0) + time.perf_counter() - t0
-    for k in range(len(batch)):
-        batch[k]["defenses"][dp.key] = {"pred": int(pred[k]), "correct": bool(pred[k] == y[k]), "certified": {},
-                                        "attack": {}}
+    for k, r in enumerate(batch):
+        r.defenses[dp.key] = AttackDefenseOutcome(int(pred[k]), bool(pred[k] == y[k]), {}, {})
     for pp in job.patches:
         t0 = time.perf_counter()
         cert = d.certify_threat(ev, y, pp).certified.to(y.device)
@@ -248,60 +244,72 @@ def _attack_pixel_defense(job: _AttackJob, dp: Any, x: torch.Tensor, y: torch.Te
                              pixel=list(res.placement[j]) if res.placement[j] else None)
         key = f"{dp.key}|{pp.text}"
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-        for k, e in enumerate(entries):
+        for k, (r, e) in enumerate(zip(batch, entries)):
             e["soundness_failure"] = bool(cert[k]) and e["success"]
-            batch[k]["defenses"][dp.key]["certified"][pp.text] = bool(cert[k])
-            batch[k]["defenses"][dp.key]["attack"][pp.text] = e
+            r.defenses[dp.key].certified[pp.text] = bool(cert[k])
+            r.defenses[dp.key].attack[pp.text] = AttackOutcome.from_json(e)
 
 
-def _summary(job: _AttackJob, records: list[dict], new: int, seconds: dict[str, float], command: str) -> dict:
+def _counter(job: _AttackJob) -> AttackCounter:
+    return AttackCounter([(dp.key, pp.text) for dp in job.defenses for pp in job.patches])
+
+
+def _summary(job: _AttackJob, counter: AttackCounter, new: int, seconds: dict[str, float], command: str) -> dict:
     from ..checkpoint import versions
 
-    n = job.n
-    results = []
-    for dp in job.defenses:
-        for pp in job.patches:
-            outs = [r["defenses"][dp.key] for r in records]
-            att = [o["attack"][pp.text] for o in outs]
-            correct = sum(o["correct"] for o in outs)
-            certified = sum(o["certified"][pp.text] for o in outs)
-            robust = sum(o["correct"] and not a["success"] for o, a in zip(outs, att))
-            broken = sum(a["attacked"] and a["success"] for a in att)
-            sf = [r["index"] for r, a in zip(records, att) if a["soundness_failure"]]
-            key = f"{dp.key}|{pp.text}"
-            results.append({
-                "defense": dp.key, "patch": pp.text, "resolved": pp.resolved,
-                "clean_accuracy": correct / n, "certified_accuracy": certified / n, "robust_accuracy": robust / n,
-                "attack_success_rate": broken / correct if correct else None,
-                "soundness_failures": len(sf), "soundness_failure_indices": sf[:100],
-                "n": n, "num_correct": correct, "num_certified": certified, "num_robust": robust,
-                "mean_steps": sum(a["steps"] for a in att) / n,
-                "attack_seconds_per_image": seconds[key] / new if new and key in seconds else None,
-                "defense_config": dp.config,
-            })
+    extra = [{"resolved": pp.resolved, "defense_config": dp.config,
+              "attack_seconds_per_image": seconds[f"{dp.key}|{pp.text}"] / new
+              if new and f"{dp.key}|{pp.text}" in seconds else None}
+             for dp in job.defenses for pp in job.patches]
+    results = counter.results(extra)
     c = job.config
     md = {k: c[k] for k in ("model", "model_sha256", "model_hash_of", "checkpoint", "model_config", "data",
                             "start", "geometry", "image_size", "dtype", "seed")}
-    md.update({"num_examples": n, "attack": c["attack"], "device": str(job.device), "versions": versions(),
+    md.update({"num_examples": counter.n, "attack": c["attack"], "device": str(job.device), "versions": versions(),
                "command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "kind": "attack"})
-    return {"n": n, "results": results, "soundness_failures": sum(r["soundness_failures"] for r in results),
+    return {"n": counter.n, "results": results, "soundness_failures": sum(r["soundness_failures"] for r in results),
             "metadata": md}
 
 
-def _resume(job: _AttackJob, out: Path, resume: bool) -> list[dict]:
-    done: list[dict] = []
+def _resume(job: _AttackJob, out: Path, resume: bool) -> list[AttackRecord]:
+    done: list[AttackRecord] = []
     if rundir.check_resume(out, job.config, resume, CONFIG, markers=(CONFIG, RECORDS)):
-        done = rundir.read_jsonl(out / RECORDS, tail="repair")
+        done = [attack_record(out / RECORDS, i, d) for i, d in enumerate(rundir.read_jsonl(out / RECORDS, tail="repair"))]
         expect = dataset_indices(job.data, torch.arange(job.start, job.start + len(done))).tolist()
-        if [r.get("index") for r in done] != expect:
+        if [r.index for r in done] != expect:
             raise PatchcertError(f"cannot resume {out}: records.jsonl does not hold the first examples in order")
         if len(done) > job.n:
             raise PatchcertError(f"cannot resume {out}: it holds more records than the run selects")
     (out / SUMMARY).unlink(missing_ok=True)
     rundir.write_json(out / CONFIG, job.config)
-    (out / RECORDS).touch()
     return done
+
+
+def _attack_loop(job: _AttackJob, out: Path | None, done: list[AttackRecord], counter: AttackCounter,
+                 keep: list[AttackRecord] | None, seconds: dict[str, float],
+                 progress: Callable[[int, int], None] | None, on_example: Callable[[AttackExample], None] | None,
+                 num_workers: int | None) -> None:
+    """The remaining examples through the one run loop: per batch, :func:`_attack_batch`."""
+    end = job.start + job.n
+    batches = [range(lo, min(lo + job.batch_size, end)) for lo in range(job.start + len(done), end, job.batch_size)]
+    images = load_batches(job.data, batches, num_workers, pin_memory=job.device.type == "cuda")
+
+    def step(item: Any) -> BatchResult[AttackRecord]:
+        xb, yb, idx = item
+        recs = _attack_batch(job, xb, yb, dataset_indices(job.data, idx), seconds, on_example)
+        return BatchResult(recs, len(recs))
+
+    sink = None
+    if out is not None:
+        sink = RecordSink(out, job.n, lambda: {k: float(v) for k, v in seconds.items()})
+        sink.start(len(done))
+    try:
+        run_batches(images, step, tally=counter, total=job.n, done=len(done), sink=sink, keep=keep, progress=progress)
+    finally:
+        images.close()  # stops DataLoader workers early if the loop raised
+    if sink is not None:
+        sink.finish(counter.n)
 
 
 def attack_dataset(
@@ -327,6 +335,7 @@ def attack_dataset(
     on_example: Callable[[AttackExample], None] | None = None,
     indices: str | Sequence[int] | None = None,
     subset: str | None = None,
+    keep_records: bool = True,
 ) -> AttackRun:
     """Attack examples ``start .. start+num_examples-1`` of ``data`` under every defense x patch.
 
@@ -342,6 +351,9 @@ def attack_dataset(
     :class:`AttackRun`; ``run.failures`` lists soundness failures (certified yet broken).
     ``model`` may be any ``nn.Module`` (images in [0, 1] -> logits ``[N, K]``; pixel defenses
     only); ``indices`` / ``subset="random:N"`` select the examples as in ``certify_dataset``.
+    ``keep_records=False``: the returned run holds no records (they are in
+    ``out_dir/records.jsonl``); the summary is counted as the run goes, so memory does not grow
+    with the number of examples (``patchcert attack`` runs this way).
     """
     if save_png and on_example is None:
         raise PatchcertError("save_png needs on_example (e.g. one that calls patchcert.report.plot_attack_example)")
@@ -358,33 +370,19 @@ def attack_dataset(
     try:
         with contextlib.ExitStack() as stack:
             if out_dir is not None:  # a folder of the user's: nothing of theirs is overwritten
-                rundir.check_new_run(out_dir, (SUMMARY, "png") if job.save_png else (SUMMARY,), (CONFIG, RECORDS))
+                writes = (SUMMARY, PROGRESS, "png") if job.save_png else (SUMMARY, PROGRESS)
+                rundir.check_new_run(out_dir, writes, (CONFIG, RECORDS))
             out = stack.enter_context(rundir.hold(out_dir)) if out_dir is not None else None
             done = _resume(job, out, resume) if out is not None else []
-            records = list(done)
-            if progress is not None:
-                progress(len(records), job.n)
-            end = job.start + job.n
-            batches = [range(lo, min(lo + job.batch_size, end)) for lo in range(job.start + len(done), end, job.batch_size)]
-            images = load_batches(job.data, batches, num_workers, pin_memory=job.device.type == "cuda")
-            try:
-                for xb, yb, idx in images:
-                    idx = dataset_indices(job.data, idx)  # a selection's positions -> dataset indices
-                    batch = _attack_batch(job, xb, yb, idx, seconds, on_example)
-                    if out is not None:
-                        rundir.append_jsonl(out / RECORDS, [json.dumps(r, separators=(",", ":"), allow_nan=False)
-                                                            for r in batch])
-                    records.extend(batch)
-                    if progress is not None:
-                        progress(len(records), job.n)
-            finally:
-                images.close()  # stops DataLoader workers early if the loop raised
-            summary = _summary(job, records, len(records) - len(done), seconds, command)
+            counter = _counter(job).add(done)
+            records = done if keep_records else None
+            _attack_loop(job, out, done, counter, records, seconds, progress, on_example, num_workers)
+            summary = _summary(job, counter, counter.n - len(done), seconds, command)
             if out is not None:
                 rundir.write_json(out / SUMMARY, summary)
     finally:
         job.model.train(was_training)
-    run = AttackRun(summary, records, out, job.config)
-    if run.failures:
-        log.error("SOUNDNESS FAILURE: the attack broke %d certified example(s)", len(run.failures))
+    run = AttackRun(summary, records if records is not None else [], out, job.config)
+    if summary["soundness_failures"]:
+        log.error("SOUNDNESS FAILURE: the attack broke %d certified example(s)", summary["soundness_failures"])
     return run

@@ -38,7 +38,7 @@ patch pixels (--steps of --step-size, --restarts random starts) against the unde
 classifier plus the masked images whose mask does not cover the patch, at --locations
 placements (the corners of the masks of the first failing pair first, then random ones);
 success = the real defended prediction changes.
-run directory (--out DIR): config.json, records.jsonl (one line per example, per batch),
+run directory (--out DIR): config.json, records.jsonl (one line per example, per batch), progress.json,
 summary.json (at the end), png/ (--save-png N). --resume continues an interrupted run.
 --json: the last stdout line is {"n": N, "results": [{"defense", "patch", "clean_accuracy",
 "certified_accuracy", "robust_accuracy", ...}], "soundness_failures": K}.
@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
             num_examples=args.num_examples, start=args.start, out_dir=out, resume=args.resume,
             save_png=args.save_png, seed=args.seed,
             command="patchcert " + " ".join(shlex.quote(a) for a in sys.argv[1:]), progress=progress,
-            num_workers=args.workers, on_example=draw if args.save_png else None, **selection_kwargs(args))
+            num_workers=args.workers, on_example=draw if args.save_png else None, keep_records=False,
+            **selection_kwargs(args))
     finally:
         if bar is not None:
             bar.close()
@@ -213,14 +214,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(summary)
         print(f"run directory: {out}")
-    failures = res.failures
-    if failures:
-        lines = [f"patchcert attack: SOUNDNESS FAILURE: the attack broke {len(failures)} example(s) that the defense "
+    failures, count = res.failures, int(summary["soundness_failures"])
+    if count:
+        lines = [f"patchcert attack: SOUNDNESS FAILURE: the attack broke {count} example(s) that the defense "
                  "CERTIFIED. A certificate (or the model's declared receptive field) is wrong:"]
         for key, patch, i in failures[:20]:
             lines.append(f"  example {i}: {key}, patch {patch}")
-        if len(failures) > 20:
-            lines.append(f"  ... and {len(failures) - 20} more (see {out / 'records.jsonl'}, 'soundness_failure')")
+        if count > 20:
+            lines.append(f"  ... and {count - 20} more (see {out / 'records.jsonl'}, 'soundness_failure')")
         lines.append("  Do not trust certified accuracies from this defense until this is fixed; please report it.")
         print("\n".join(lines), file=sys.stderr, flush=True)
         return EXIT_SOUNDNESS

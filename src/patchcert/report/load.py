@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from ..errors import PatchcertError, not_found
 from ..results import (
+    AttackRecord,
+    attack_record,
     RECORDS_FILE,
     SUMMARY_FILE,
     ExampleRecord,
@@ -46,11 +48,11 @@ class CertifyRunData:
 
 @dataclass
 class AttackRunData:
-    """A finished ``patchcert attack`` run: its summary (dict) and records (dicts)."""
+    """A finished ``patchcert attack`` run: its summary (dict) and typed records."""
 
     path: Path
     summary: dict[str, Any]
-    records: list[dict[str, Any]]
+    records: list[AttackRecord]
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -144,7 +146,8 @@ def load_attack_run(path: str | os.PathLike) -> AttackRunData:
             _ = (r["defense"], r["patch"], float(r["robust_accuracy"]), float(r["clean_accuracy"]))
     except (KeyError, TypeError, ValueError) as e:
         raise PatchcertError(f"{d / SUMMARY_FILE}: not an attack summary ({type(e).__name__}: {e})") from None
-    records = read_jsonl(d / RECORDS_FILE) if (d / RECORDS_FILE).is_file() else []
+    raw = read_jsonl(d / RECORDS_FILE) if (d / RECORDS_FILE).is_file() else []
+    records = [attack_record(d / RECORDS_FILE, i, r) for i, r in enumerate(raw)]
     if len(records) != n:
         raise PatchcertError(f"{d} is incomplete: summary.json says {n} examples but records.jsonl holds {len(records)}")
     return AttackRunData(d, s, records)

@@ -231,12 +231,15 @@ def plot_bounds(rows: Sequence[ReportRow], path: str | os.PathLike) -> bool:
 
 
 def plot_attack_example(path: str | os.PathLike, image: torch.Tensor, adv: torch.Tensor, ev_clean: torch.Tensor,
-                        ev_adv: torch.Tensor, res: dict[str, Any], label: int, pred: int, classes: Sequence[str],
+                        ev_adv: torch.Tensor, res: Any, label: int, pred: int, classes: Sequence[str],
                         defense_key: str, patch: str, certified: bool, reach: torch.Tensor | None,
                         what: str = "votes") -> Path:
     """One attacked example: original (patch outlined) / attacked / the target class's region
     scores (``ev_clean``, ``ev_adv`` ``[H, W]``) before and after, the cells the patch can
-    reach outlined. ``res`` is the example's attack record. Returns the file written."""
+    reach outlined. ``res`` is the example's attack outcome (an
+    :class:`~patchcert.results.AttackOutcome` or its JSON). Returns the file written."""
+    if hasattr(res, "to_json"):
+        res = res.to_json()
     from matplotlib.patches import Rectangle
 
     def name(c: int) -> str:

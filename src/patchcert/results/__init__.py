@@ -37,13 +37,15 @@ null when the run was made with ``square_cap=0``.
 
 The package's modules: :mod:`.files` (file names), :mod:`.records` (per-example records),
 :mod:`.summary` (summaries and the streaming counter), :mod:`.scores` (the score file),
-:mod:`.shards` (run status, loading and shard merging). Every public name is importable from
+:mod:`.shards` (run status, loading and shard merging), :mod:`.attacks` (attack records and
+their streaming counter). Every public name is importable from
 ``patchcert.results``.
 """
 
 from __future__ import annotations
 
 from ..rundir import append_jsonl, read_json, write_json  # noqa: F401  (append_jsonl: the records' writer)
+from .attacks import AttackCounter, AttackDefenseOutcome, AttackOutcome, AttackRecord, attack_record
 from .files import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -118,4 +120,9 @@ __all__ = [
     "shard_dirname",
     "find_shards",
     "merge_shards",
+    "AttackRecord",
+    "AttackDefenseOutcome",
+    "AttackOutcome",
+    "AttackCounter",
+    "attack_record",
 ]

@@ -143,8 +143,8 @@ def records_table(records: Any, path: str | os.PathLike | None = None) -> list[d
     """Per-example results as a flat table: one row (a dict of plain values) per example x
     defense x patch -- ``pandas.DataFrame(records_table(run))`` loads it as is.
 
-    ``records``: certify records (:class:`ExampleRecord`), attack records (dicts from
-    ``records.jsonl``), a ``CertifyRun`` / ``AttackRun`` (anything with ``.records``), or a
+    ``records``: certify records (:class:`ExampleRecord`), attack records
+    (:class:`~patchcert.results.AttackRecord`) or either as JSON dicts, a ``CertifyRun`` / ``AttackRun`` (anything with ``.records``), or a
     run directory (its ``records.jsonl``). Columns: :data:`TABLE_FIELDS` (attack columns are
     None for certify records, the worst case's None for attack records). ``path``: also
     write the table as CSV."""
@@ -153,7 +153,7 @@ def records_table(records: Any, path: str | os.PathLike | None = None) -> list[d
     records = getattr(records, "records", records)
     rows: list[dict[str, Any]] = []
     for r in records:
-        d = r.to_json() if isinstance(r, ExampleRecord) else r
+        d = r.to_json() if hasattr(r, "to_json") else r  # typed certify / attack records, or their JSON
         for key, o in d["defenses"].items():
             for patch, cert in o["certified"].items():
                 w = (o.get("worst") or {}).get(patch)

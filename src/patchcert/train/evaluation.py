@@ -31,7 +31,8 @@ def default_eval_defense(objective: str, cfg: dict | None = None,
 
 
 def _make_defense(spec: dict[str, Any], model: Any, patch: str, image_size: tuple[int, int]):
-    """The evaluation defense and patch threat, built as ``certify`` builds them for the model."""
+    """The evaluation defense and patch threat (their plans), built as ``certify`` builds them
+    for the model."""
     from ..planning import plan_threat
     from ..specs import DefenseSpec
 
@@ -44,7 +45,7 @@ def _make_defense(spec: dict[str, Any], model: Any, patch: str, image_size: tupl
         dps, pps = plan_threat([DefenseSpec(name, kw, name)], [patch], model.geometry, tuple(image_size))
     except PatchcertError as e:
         raise PatchcertError(f"eval_defense: {e}") from None
-    return dps[0].defense, pps[0]
+    return dps[0], pps[0]
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -58,34 +59,49 @@ def evaluate(model: nn.Module, data: ImageSource, patch: str, device: torch.devi
              num_workers: int | None = None) -> dict[str, float]:
     """Clean and certified accuracy of ``defense`` (default: sign voting, Condition 3.2) on ``data``.
 
-    Under an initialised process group each rank evaluates ``data[rank::world]`` and the
-    counts are summed, so every rank returns the accuracies on the whole set. A defense with an
-    expensive pass (``eval_images``, e.g. double masking) is evaluated on that many images spread
-    evenly over ``data`` (its early exit keeps it cheap). Images are read
-    through :func:`patchcert.loader.load_batches` (``num_workers``); TF32 is off inside.
+    The one run loop of ``certify`` and ``attack`` (:func:`patchcert.runs.run_batches`), with
+    certify's per-batch function (:func:`patchcert.batch.certify_batch`, the very records of a
+    certify run) and its counter; nothing is written. Under an initialised process group each
+    rank evaluates ``data[rank::world]`` and the counts are summed, so every rank returns the
+    accuracies on the whole set. A defense with an expensive pass (``eval_images``, e.g. double
+    masking) is evaluated on that many images spread evenly over ``data`` (its early exit keeps
+    it cheap). Images are read through :func:`patchcert.loader.load_batches` (``num_workers``);
+    TF32 is off inside.
     """
-    d, threat = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"}, model, patch,
-                              data.image_size)
+    from ..batch import batch_evidence, certify_batch
+    from ..results import ResultRow, SummaryCounter
+    from ..runs import BatchResult, run_batches
+
+    dp, pp = _make_defense(defense or {"name": "voting", "binarize": "sign", "condition": "3.2"}, model, patch,
+                           data.image_size)
     was = model.training
     model.eval()
     rank, world = _dist_info()
-    n_eval = min(len(data), d.eval_images or len(data))  # an expensive defense evaluates a spread sample
+    n_eval = min(len(data), dp.defense.eval_images or len(data))  # an expensive defense evaluates a spread sample
     picked = torch.arange(len(data)) if n_eval == len(data) else torch.linspace(0, len(data) - 1, n_eval).round().long()
     share = picked[rank::world]
-    counts = torch.zeros(2, dtype=torch.float64)
+    counter = SummaryCounter([ResultRow(defense=dp.key, defense_config=dp.config, patch=pp.text, resolved=pp.resolved,
+                                        windows=[list(w) for w in pp.windows], clean_accuracy=0.0,
+                                        certified_accuracy=0.0, certify_seconds_per_image=None)])
     batches = [share[idx] for idx in iterate_batches(len(share), batch_size, shuffle=False)]
     cuda = device.type == "cuda"
-    with precise_math():
-        for xb, yb, _ in load_batches(data, batches, num_workers, pin_memory=cuda):
-            x = to_float(xb.to(device, non_blocking=cuda))
-            y = yb.to(device, non_blocking=cuda)
-            s = None
-            if d.evidence_source == "scores":
-                with autocast(device, bf16):
-                    s = model.score_map(x).float()
-            ev = d.compute_evidence(model, x, s, y)
-            counts[0] += int((d.predict_evidence(ev).to(y.device) == y).sum())
-            counts[1] += int(d.certify_threat(ev, y, threat).certified.sum())
+
+    def step(item: Any) -> BatchResult:
+        xb, yb, idx = item
+        x = to_float(xb.to(device, non_blocking=cuda))
+        y = yb.to(device, non_blocking=cuda)
+        with autocast(device, bf16):
+            s = model.score_map(x).float()  # the evidence of score-map defenses; the undefended prediction
+        ev = batch_evidence([dp], model, x, s, y)
+        return BatchResult(certify_batch(s, y, [int(i) for i in idx], [dp], [pp], evidence=ev), len(idx))
+
+    images = load_batches(data, batches, num_workers, pin_memory=cuda)
+    try:
+        with precise_math():
+            run_batches(images, step, tally=counter, total=len(share))
+    finally:
+        images.close()
+    counts = torch.tensor([counter.correct[0], counter.certified[0]], dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(counts)
     model.train(was)
