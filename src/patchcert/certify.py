@@ -18,7 +18,6 @@ the model, and their records are byte-identical (the merged shards included).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -28,18 +27,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import rundir
-from .checkpoint import file_sha256, load_tensors, save_tensors, versions
+from .checkpoint import load_tensors, save_tensors, versions
 from .data import ImageSource, as_image_dataset, to_float
 from .batch import Timer as _Timer
 from .batch import batch_evidence, certify_batch
 from .errors import PatchcertError
-from .geometry import Geometry, PatchSpec
+from .geometry import PatchSpec
 from .planning import (
     DefensePlan,
     PatchPlan,
@@ -49,7 +48,10 @@ from .planning import (
     plan_patches,
     plan_threat,
 )
-from .runs import BatchResult, RecordSink, run_batches
+from .runs import BatchResult, RecordSink, hold_run, run_batches
+from .runs.source import DTYPES, provenance as _provenance, resolve_dtype as _resolve_dtype  # noqa: F401
+from .runs.source import Source as _Source, check_selection as _check_selection
+from .runs.source import model_source as _model_source, score_source as _score_source
 from .runtime import precise_math
 from .selection import dataset_indices
 from .skipping import SKIPPED_FILE, not_recorded, record_skipped, resume_skipped  # noqa: F401  (re-exported)
@@ -63,19 +65,16 @@ from .results import (
     SCORES_FILE,
     SUMMARY_CSV,
     SUMMARY_FILE,
-    DefenseOutcome,
     ExampleRecord,
     ResultRow,
     RunMetadata,
     ScoreFile,
     Summary,
-    WorstCase,
     load_scores,
     read_json,
     read_summary,
     repair_records,
     save_scores,
-    shard_dirname,
     SummaryCounter,
     write_json,
     write_summary,
@@ -104,7 +103,6 @@ __all__ = [
     "default_mask_shapes",
 ]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # -- the dataset loop --------------------------------------------------------------------
@@ -155,114 +153,8 @@ def shard_batches(num_batches: int, shard: tuple[int, int] | None) -> range:
     return range(i * num_batches // n, (i + 1) * num_batches // n)
 
 
-def _state_dict_sha256(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(v.dtype).encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _first_bad(mask_ok: torch.Tensor) -> int:
     return int(torch.nonzero(~mask_ok)[0])
-
-
-def _check_pos_int(v: Any, name: str, allow_none: bool = False) -> None:
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise PatchcertError(f"{name} must be a positive integer, got {v!r}")
-
-
-@dataclass
-class _Source:
-    """Where the score maps come from: a model + dataset, or a score file."""
-
-    geometry: Geometry
-    image_size: tuple[int, int]
-    num_classes: int
-    classes: list[str]
-    total: int
-    name: str
-
-
-def _model_source(model: Any, data: Any) -> _Source:
-    if model is None or data is None:
-        raise PatchcertError("give a model and a dataset, or cached scores")
-    if not isinstance(data, ImageSource):
-        raise PatchcertError(f"data must be an ImageSource (patchcert.data), got {type(data).__name__}")
-    geometry = getattr(model, "geometry", None)
-    if not isinstance(geometry, Geometry):
-        raise PatchcertError(f"{type(model).__name__} declares no receptive-field geometry")
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if num_classes != data.num_classes:
-        raise PatchcertError(f"the model has {num_classes} classes but {data.name} has {data.num_classes}")
-    image_size = data.image_size
-    exp = geometry.input_size
-    if exp is not None and tuple(exp) != tuple(image_size):
-        raise PatchcertError(f"the model expects {exp[0]}x{exp[1]} images but {data.name} has "
-                             f"{image_size[0]}x{image_size[1]}")
-    chans = int(data.images.shape[1]) if hasattr(data, "images") else 3  # streamed images are decoded to RGB
-    if chans != 3:
-        raise PatchcertError(f"{data.name}: expected 3-channel images, got {chans}")
-    return _Source(geometry, image_size, num_classes, list(data.classes), len(data), data.name)
-
-
-def _score_source(scores: ScoreFile) -> _Source:
-    meta = scores.meta
-    try:
-        geometry = Geometry.from_dict(meta["geometry"])
-        image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise PatchcertError(f"score file: bad geometry/image_size metadata ({e})") from None
-    num_classes = int(scores.scores.shape[1])
-    classes = list(meta.get("classes") or [f"class{i}" for i in range(num_classes)])
-    if len(classes) != num_classes:
-        raise PatchcertError(f"score file: {num_classes}-class scores but {len(classes)} class names")
-    return _Source(geometry, image_size, num_classes, classes, len(scores), f"scores:{scores.path}")
-
-
-def _provenance(model: Any, data: Any, scores: ScoreFile | None) -> dict[str, Any]:
-    """What the records depend on besides the run's options: model (hash), data, score file."""
-    if scores is None:
-        ckpt = getattr(model, "checkpoint_path", None)
-        return {"model": str(getattr(model, "arch", type(model).__name__)),
-                "model_sha256": file_sha256(ckpt) if ckpt else _state_dict_sha256(model),
-                "hash_of": "file" if ckpt else "state_dict", "checkpoint": str(ckpt) if ckpt else None,
-                "model_config": _jsonable(dict(getattr(model, "config", {}) or {})),
-                "data": _jsonable({"name": data.name, "num_examples_total": len(data), **data.info}),
-                "scores_path": None, "scores_sha256": None}
-    meta = scores.meta
-    return {"model": str(meta.get("model", "unknown")), "model_sha256": meta.get("model_sha256"),
-            "hash_of": meta.get("model_hash_of", "file"), "checkpoint": meta.get("checkpoint"),
-            "model_config": _jsonable(meta.get("model_config") or {}), "data": _jsonable(meta.get("data") or {}),
-            "scores_path": scores.path, "scores_sha256": scores.sha256}
-
-
-def _check_selection(start: Any, num_examples: int | None, batch_size: Any, src: _Source) -> int:
-    _check_pos_int(batch_size, "batch size")
-    _check_pos_int(num_examples, "number of examples", allow_none=True)
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise PatchcertError(f"start must be a non-negative integer, got {start!r}")
-    if start >= src.total:
-        raise PatchcertError(f"start {start} is past the end of {src.name} ({src.total} examples)")
-    if num_examples is None:
-        return src.total - start
-    if start + num_examples > src.total:
-        raise PatchcertError(f"{num_examples} examples from {start} exceed the {src.total} examples of {src.name}")
-    return num_examples
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise PatchcertError(f"dtype must be float32 or float64, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise PatchcertError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
 
 
 @dataclass(frozen=True)
@@ -358,29 +250,6 @@ def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dty
                 map_size=map_size, config=config, square_cap=square_cap,  # type: ignore[arg-type]
                 square_method=square_method, save_scores=bool(save_scores), seed=seed, command=command,
                 num_workers=num_workers, skip_bad_images=bool(skip_bad_images))
-
-
-def _hold_run(stack: contextlib.ExitStack, out_dir: str | os.PathLike, shard: tuple[int, int] | None,
-              lock: bool) -> Path:
-    """Check the run folder's layout and hold it for the run: an unsharded run holds ``RUN``
-    exclusively; a shard holds ``RUN`` shared and ``RUN/shard-i-of-n`` exclusively."""
-    top = Path(out_dir)
-    if shard is None and top.is_dir() and any(top.glob("shard-*-of-*")):
-        raise PatchcertError(f"{top} holds a sharded run: continue it with --shard i/n, or merge it with "
-                             f"patchcert certify --merge {top}")
-    if shard is not None and (top / CONFIG_FILE).is_file() and not any(top.glob("shard-*-of-*")):
-        raise PatchcertError(f"{top} holds an unsharded run; choose another --out for a sharded one")
-    run_dir = top / shard_dirname(*shard) if shard else top
-    writes = (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts", SKIPPED_FILE)
-    if shard is not None and not any(top.glob("shard-*-of-*")):  # the merge will write these into RUN
-        rundir.check_new_run(top, (CONFIG_FILE, RECORDS_FILE) + writes, markers=())
-    rundir.check_new_run(run_dir, writes)  # a folder of the user's: nothing of theirs is overwritten
-    if not lock:
-        return rundir.prepare(run_dir)
-    if shard is None:
-        return stack.enter_context(rundir.hold(top))
-    stack.enter_context(rundir.hold(top, "shared", clean=False))
-    return stack.enter_context(rundir.hold(run_dir))
 
 
 def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[ExampleRecord], dict[str, float]]:
@@ -660,7 +529,8 @@ def certify_dataset(
         done: list[ExampleRecord] = []
         timing: dict[str, float] = {}
         if out_dir is not None:
-            run_dir = _hold_run(stack, out_dir, job.shard, lock)
+            run_dir = hold_run(stack, out_dir, (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts",
+                                                SKIPPED_FILE), shard=job.shard, lock=lock)
             done, timing = _resume_records(job, run_dir, resume)
             finished = _finished_run(job, run_dir, len(done))
             if finished is not None:  # resuming a finished run: nothing to do, nothing rewritten

@@ -32,7 +32,7 @@ from .. import rundir
 from ..loader import load_batches
 from ..errors import PatchcertError
 from ..results import AttackCounter, AttackDefenseOutcome, AttackOutcome, AttackRecord, attack_record
-from ..runs import BatchResult, RecordSink, run_batches
+from ..runs import BatchResult, RecordSink, hold_run, run_batches
 from ..selection import dataset_indices
 from .patch import PatchAttackConfig, attack_and_check
 from .selection import affected_mask
@@ -118,23 +118,24 @@ class _AttackJob:
 
 def _plan(model, data, defenses, patches, config, strong, batch_size, device, dtype, num_examples, start,
           save_png, seed) -> _AttackJob:
-    from ..certify import _check_selection, _model_source, _provenance, _resolve_dtype, plan_threat
+    from ..planning import plan_threat
+    from ..runs.source import check_selection, model_source, provenance, resolve_dtype
     from ..runtime import resolve_device
     from ..data import as_image_dataset
 
     data = as_image_dataset(data, num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
-    src = _model_source(model, data)
-    n = _check_selection(start, num_examples, batch_size, src)
+    src = model_source(model, data)
+    n = check_selection(start, num_examples, batch_size, src)
     if isinstance(save_png, bool) or not isinstance(save_png, int) or save_png < 0:
         raise PatchcertError(f"save_png must be a non-negative integer, got {save_png!r}")
     cfg = config if config is not None else (PatchAttackConfig.strong(seed=seed) if strong else PatchAttackConfig(seed=seed))
     if not isinstance(cfg, PatchAttackConfig):
         raise PatchcertError(f"config must be a PatchAttackConfig, got {type(cfg).__name__}")
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     # exactly the defenses `certify` builds for this model (wrap-around windows on DS maps)
     defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
-    prov = _provenance(model, data, None)
+    prov = provenance(model, data, None)
     job_config = json.loads(json.dumps({
         "format": 1, "kind": "attack", "model": prov["model"], "model_sha256": prov["model_sha256"],
         "model_hash_of": prov["hash_of"], "checkpoint": prov["checkpoint"], "model_config": prov["model_config"],
@@ -369,10 +370,9 @@ def attack_dataset(
     seconds: dict[str, float] = {}
     try:
         with contextlib.ExitStack() as stack:
+            out = None
             if out_dir is not None:  # a folder of the user's: nothing of theirs is overwritten
-                writes = (SUMMARY, PROGRESS, "png") if job.save_png else (SUMMARY, PROGRESS)
-                rundir.check_new_run(out_dir, writes, (CONFIG, RECORDS))
-            out = stack.enter_context(rundir.hold(out_dir)) if out_dir is not None else None
+                out = hold_run(stack, out_dir, (SUMMARY, PROGRESS, "png") if job.save_png else (SUMMARY, PROGRESS))
             done = _resume(job, out, resume) if out is not None else []
             counter = _counter(job).add(done)
             records = done if keep_records else None
