@@ -385,3 +385,25 @@ def test_attack_dataset_attacks_double_masking_through_the_defense(tmp_path):
             assert a.attempts >= 1 and a.steps == 100 * a.attempts  # the attack flags' defaults
     row = run.summary["results"][0]
     assert row["certified_accuracy"] <= row["robust_accuracy"] <= row["clean_accuracy"]
+
+
+def test_channels_last_is_an_option_of_the_deployed_defense():
+    """channels_last hands the masked batches over in NHWC layout: part of the key and config
+    (it may round differently), absent when off (earlier runs' configs are unchanged); on a
+    float32 model the tables agree with the default layout here."""
+    import patchcert
+    from patchcert.masks import mask_set
+    from patchcert.models import create_model
+
+    d = patchcert.create_defense("double-masking", k=2, channels_last=True)
+    assert d.key == "double-masking(k=2,channels_last)" and d.config["channels_last"] is True
+    assert "channels_last" not in patchcert.create_defense("double-masking", k=2).config
+    with pytest.raises(patchcert.PatchcertError, match="channels_last must be true or false"):
+        patchcert.create_defense("double-masking", channels_last="yes")
+    torch.manual_seed(0)
+    m = create_model("fastnet_cifar", widths=[4, 8, 8], stem=4, num_classes=3).eval()
+    x = torch.rand(3, 3, 32, 32)
+    ms = mask_set((32, 32), (5, 5), 2)
+    from patchcert.defenses.double_masking import masked_prediction_table
+
+    assert torch.equal(masked_prediction_table(m, x, ms, channels_last=True), masked_prediction_table(m, x, ms))
