@@ -187,7 +187,6 @@ class _Job:
     command: str
     num_workers: int | None = None
     skip_bad_images: bool = False  # record unreadable images in skipped.jsonl instead of stopping
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # {index, reason}: filled as the run goes
 
     @property
     def dtype_name(self) -> str:
@@ -252,14 +251,16 @@ def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dty
                 num_workers=num_workers, skip_bad_images=bool(skip_bad_images))
 
 
-def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[ExampleRecord], dict[str, float]]:
-    """The records (and timing) an interrupted run in ``run_dir`` already holds; none for a new run."""
+def _resume_records(job: _Job, run_dir: Path, resume: bool
+                    ) -> tuple[list[ExampleRecord], dict[str, float], list[dict[str, Any]]]:
+    """The records, timing and skipped images (``{index, reason}``) an interrupted run in
+    ``run_dir`` already holds; none for a new run."""
     if not rundir.check_resume(run_dir, job.config, resume, CONFIG_FILE, markers=(CONFIG_FILE, RECORDS_FILE)):
-        return [], {}
+        return [], {}, []
     done = repair_records(run_dir / RECORDS_FILE)
     first = job.start + job.lo
-    job.skipped[:] = resume_skipped(job.data, run_dir, first, job.total, [r.index for r in done])
-    skipped = {int(s["index"]) for s in job.skipped}
+    bad = resume_skipped(job.data, run_dir, first, job.total, [r.index for r in done])
+    skipped = {int(s["index"]) for s in bad}
     window = dataset_indices(job.data, torch.arange(first, first + min(len(done) + len(skipped), job.total)))
     expect = [i for i in window.tolist() if i not in skipped]
     if job.scores is not None:
@@ -274,13 +275,13 @@ def _resume_records(job: _Job, run_dir: Path, resume: bool) -> tuple[list[Exampl
     if prog_p.exists():
         timing = {k: float(v) for k, v in (read_json(prog_p).get("timing") or {}).items()}
     log.info("resuming %s: %d/%d examples done", run_dir, len(done), job.total)
-    return done, timing
+    return done, timing, bad
 
 
-def _finished_run(job: _Job, run_dir: Path, ndone: int) -> Summary | None:
+def _finished_run(job: _Job, run_dir: Path, ndone: int, nskipped: int) -> Summary | None:
     """The summary of the finished run in ``run_dir`` (every record, the summary and, with
     ``save_scores``, the score file are there), or None if it still has work to do."""
-    if ndone + len(job.skipped) != job.total or not (run_dir / SUMMARY_FILE).is_file():
+    if ndone + nskipped != job.total or not (run_dir / SUMMARY_FILE).is_file():
         return None
     if job.save_scores and not (run_dir / SCORES_FILE).is_file():
         return None
@@ -291,11 +292,11 @@ def _finished_run(job: _Job, run_dir: Path, ndone: int) -> Summary | None:
     return summary
 
 
-def _start_run_dir(job: _Job, run_dir: Path, done: list[ExampleRecord], timing: dict[str, float]) -> None:
+def _start_run_dir(job: _Job, run_dir: Path, settled: int, timing: dict[str, float]) -> None:
     for f in (SUMMARY_FILE, SUMMARY_CSV):  # a finished run is only finished once rewritten
         (run_dir / f).unlink(missing_ok=True)
     write_json(run_dir / CONFIG_FILE, job.config)
-    RecordSink(run_dir, job.total, lambda: timing).start(len(done) + len(job.skipped))
+    RecordSink(run_dir, job.total, lambda: timing).start(settled)
 
 
 def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
@@ -331,11 +332,12 @@ def _batch_maps(job: _Job, pos: torch.Tensor, images: Any, timer: _Timer
 
 def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord], ndone: int, timer: _Timer,
                   progress: Callable[[int, int], None] | None, counter: SummaryCounter,
-                  keep: bool = True) -> list[ExampleRecord]:
+                  skipped: list[dict[str, Any]], keep: bool = True) -> list[ExampleRecord]:
     """Certify the job's remaining batches (``ndone`` examples are settled already) through the
     one run loop (:func:`patchcert.runs.run_batches`): records are appended to ``run_dir`` and
     counted in ``counter`` as it goes; ``records`` (the resumed ones, if kept) is extended with
-    the new ones if ``keep`` (else memory stays flat)."""
+    the new ones if ``keep`` (else memory stays flat); unreadable images skipped on the way are
+    appended to ``skipped``."""
     parts_dir = run_dir / "scores.parts" if run_dir is not None else None
     if job.save_scores and parts_dir is not None:
         parts_dir.mkdir(exist_ok=True)
@@ -360,7 +362,7 @@ def _certify_loop(job: _Job, run_dir: Path | None, records: list[ExampleRecord],
         bad.clear()
         new, new_bad = _certify_one_batch(job, b, images, bad, parts_dir, settled[0], timer)
         record_skipped(run_dir, new_bad)  # before the records: a resume trims what they do not reach
-        job.skipped.extend(new_bad)
+        skipped.extend(new_bad)
         settled[0] += len(new) + len(new_bad)
         return BatchResult(new, len(new) + len(new_bad))
 
@@ -417,7 +419,7 @@ def _template(job: _Job, timer: _Timer) -> list[ResultRow]:
     ]
 
 
-def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
+def _summary(job: _Job, counter: SummaryCounter, timer: _Timer, skipped: list[dict[str, Any]]) -> Summary:
     prov = job.prov
     md = RunMetadata(
         model=prov["model"], model_sha256=prov["model_sha256"], checkpoint=prov["checkpoint"], data=prov["data"],
@@ -429,7 +431,7 @@ def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
         scores_file=prov["scores_path"], scores_sha256=prov["scores_sha256"], start=job.start,
         indices=[counter.first_index, counter.last_index] if counter.n else [],
         batch_size=job.batch_size, square_cap=job.square_cap, shard=list(job.shard) if job.shard else None,
-        skipped=list(job.skipped),
+        skipped=list(skipped),
         defense_seconds_per_image={dp.key: {"predict": _per_image(timer, f"{dp.key}|predict"),
                                             "largest_square": _per_image(timer, f"{dp.key}|largest_square"),
                                             **({"evidence": _per_image(timer, f"{dp.key}|evidence")}
@@ -440,7 +442,7 @@ def _summary(job: _Job, counter: SummaryCounter, timer: _Timer) -> Summary:
     return counter.summary(md, template=_template(job, timer))  # the timing is known now
 
 
-def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, timer: _Timer) -> None:
+def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, timer: _Timer, nskipped: int) -> None:
     prov = job.prov
     if job.save_scores:
         _join_score_parts(run_dir / "scores.parts", run_dir / SCORES_FILE, {
@@ -448,7 +450,7 @@ def _finish_run_dir(job: _Job, run_dir: Path, summary: Summary, ndone: int, time
             "model": prov["model"], "model_sha256": prov["model_sha256"], "model_hash_of": prov["hash_of"],
             "model_config": prov["model_config"], "checkpoint": prov["checkpoint"], "classes": job.src.classes,
             "data": prov["data"], "shard": list(job.shard) if job.shard else None,
-        }, job.total - len(job.skipped))
+        }, job.total - nskipped)
     write_summary(run_dir, summary)
     RecordSink(run_dir, job.total, lambda: timer.totals).finish(ndone)
 
@@ -528,22 +530,23 @@ def certify_dataset(
         run_dir: Path | None = None
         done: list[ExampleRecord] = []
         timing: dict[str, float] = {}
+        skipped: list[dict[str, Any]] = []  # {index, reason}: unreadable images, filled as the run goes
         if out_dir is not None:
             run_dir = hold_run(stack, out_dir, (SUMMARY_FILE, SUMMARY_CSV, PROGRESS_FILE, SCORES_FILE, "scores.parts",
                                                 SKIPPED_FILE), shard=job.shard, lock=lock)
-            done, timing = _resume_records(job, run_dir, resume)
-            finished = _finished_run(job, run_dir, len(done))
+            done, timing, skipped = _resume_records(job, run_dir, resume)
+            finished = _finished_run(job, run_dir, len(done), len(skipped))
             if finished is not None:  # resuming a finished run: nothing to do, nothing rewritten
                 return CertifyRun(finished, done if keep_records else [], run_dir, job.config)
-            _start_run_dir(job, run_dir, done, timing)
+            _start_run_dir(job, run_dir, len(done) + len(skipped), timing)
         timer = _Timer(job.device, timing)
         counter = SummaryCounter(_template(job, timer)).add(done)
-        ndone, records = len(done) + len(job.skipped), (done if keep_records else [])
+        ndone, records = len(done) + len(skipped), (done if keep_records else [])
         del done  # without keep_records, the resumed records are counted and dropped
-        records = _certify_loop(job, run_dir, records, ndone, timer, progress, counter, keep=keep_records)
-        summary = _summary(job, counter, timer)
+        records = _certify_loop(job, run_dir, records, ndone, timer, progress, counter, skipped, keep=keep_records)
+        summary = _summary(job, counter, timer, skipped)
         if run_dir is not None:
-            _finish_run_dir(job, run_dir, summary, counter.n, timer)
+            _finish_run_dir(job, run_dir, summary, counter.n, timer, len(skipped))
             if job.shard:
                 log.info("shard %d/%d finished; merge all shards with: patchcert certify --merge %s",
                          job.shard[0], job.shard[1], out_dir)
