@@ -547,8 +547,8 @@ class MaskCutoutObjective(Objective):
         """Softened class probabilities of the teacher on the unmasked images (float32)."""
         assert self.teacher is not None
         t = self.teacher.to(clean.device).eval()
-        with autocast(None):
-            out = t(clean)
+        with autocast(None):  # NHWC: the fast layout for convolutions (targets only: its rounding is harmless)
+            out = t(clean.contiguous(memory_format=torch.channels_last))
         out = out.float()
         out = out.mean((2, 3)) if out.dim() == 4 else out
         return F.softmax(out / self.distill_temperature, dim=1)

@@ -1,0 +1,134 @@
+"""Issue 18: double masking's certified accuracy against training compute, every recipe tried.
+
+    python scripts/plot_dm_compute.py            # writes docs/results/dm_training_compute.png + .md
+
+For each run: the per-epoch evaluation of the training log (double masking k = 6, 5x5, bf16, on
+64 test images spread over the first 1,000: noisy, +-6 points) as a thin line, and the run's
+final ``patchcert certify`` evaluation (``*_summary.json``: more images, the figure that counts)
+as a large marker. The x axis is the CPU budget itself, cumulative training wall time in
+minutes on this machine's 2 cores (from the log's ``epoch_seconds``; a run initialised from
+another model starts at that model's time); the table adds training FLOPs, 3 x 2 x forward MACs
+per image x images seen, plus the extra forward passes of greedy cutout (8 per greedy image) and
+of a distillation teacher (1 per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from patchcert.models import create_model
+
+TRAIN_IMAGES = 50_000
+ROOT = Path(__file__).resolve().parent.parent
+W96 = {"widths": [96, 384, 384], "stem": 32}
+
+# (label, log, model_cfg, final summary or None, extra forward passes per image, log it started from)
+RUNS = [
+    ("v1 (shipped): 50 ep", "docs/doublemask_cifar10_train_log.csv", W96, "docs/pilots/v1_k6_cert256_summary.json", 0.0, None),
+    ("leg 2: v1 + 24 ep warm restart", "docs/doublemask_cifar10_r2_train_log.csv", W96,
+     "docs/pilots/r2_cert256_summary.json", 0.0, "docs/doublemask_cifar10_train_log.csv"),
+    ("pilot base: 3 ep", "docs/pilots/dm_base.csv", W96, "docs/pilots/dm_base_cert256_summary.json", 0.0, None),
+    ("pilot twomask: 3 ep, p2 = 0.7", "docs/pilots/dm_twomask.csv", W96, "docs/pilots/dm_twomask_cert256_summary.json",
+     0.0, None),
+    ("pilot distill: 2 ep, teacher v1", "docs/pilots/dm_distill.csv", W96, "docs/pilots/dm_distill_cert256_summary.json",
+     1.0, None),
+    ("pilot greedy: 2 ep, 3/16 greedy", "docs/pilots/dm_greedy.csv", W96, "docs/pilots/dm_greedy_cert256_summary.json",
+     8 * 3 / 16, None),
+    ("pilot narrow: 64/256/256, 6 ep", "docs/pilots/dm_narrow.csv", {"widths": [64, 256, 256], "stem": 32},
+     "docs/pilots/dm_narrow_cert256_summary.json", 0.0, None),
+    ("pilot wide: 128/512/512, 2 ep", "docs/pilots/dm_wide.csv", {"widths": [128, 512, 512], "stem": 48},
+     "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
+    ("long run (session 6 on)", "docs/doublemask_cifar10_long_train_log.csv", W96, "docs/pilots/long_cert_summary.json",
+     1.0, None),
+]
+
+
+def forward_macs(cfg: dict) -> int:
+    m = create_model("fastnet_cifar", num_classes=10, **cfg).eval()
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, torch.nn.Linear):
+            total[0] += out.numel() * mod.in_features
+
+    for mod in m.modules():
+        mod.register_forward_hook(hook)
+    with torch.no_grad():
+        m(torch.zeros(1, 3, 32, 32))
+    return total[0]
+
+
+def read(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def final(path: str | None) -> tuple[float, float, int] | None:
+    if path is None or not (ROOT / path).exists():
+        return None
+    s = json.loads((ROOT / path).read_text())
+    r = s["results"][0]
+    return r["clean_accuracy"], r["certified_accuracy"], int(s["n"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "docs/results/dm_training_compute.png"))
+    a = ap.parse_args()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.6))
+    ax = fig.subplots()
+    lines = ["| run | epochs | wall time (min) | training compute (PFLOP) | per-epoch eval (64 imgs) | "
+             "final eval: images | clean | certified 5x5 |", "|---|---|---|---|---|---|---|---|"]
+    for label, log, cfg, summ, extra, init in RUNS:
+        p = ROOT / log
+        if not p.exists():
+            continue
+        rows = read(p)
+        macs = forward_macs(cfg)
+        flop_img = (6 + 2 * extra) * macs  # forward + backward = 3 forwards, 2 FLOPs per MAC
+        t0 = sum(r.get("epoch_seconds", 0.0) for r in read(ROOT / init)) / 60 if init else 0.0
+        f0 = len(read(ROOT / init)) * TRAIN_IMAGES * 6 * macs / 1e15 if init else 0.0
+        t, acc = [], []
+        for r in rows:
+            t0 += r.get("epoch_seconds", 0.0) / 60
+            t.append(t0)
+            acc.append(100 * r.get("eval_cert_acc", 0.0))
+        flops = f0 + len(rows) * TRAIN_IMAGES * flop_img / 1e15
+        real = any(v > 0 for v in acc)  # v1's log predates double-masking evaluation in training (all 0)
+        color = None
+        if real:
+            color = ax.plot(t, acc, "-", lw=0.8, alpha=0.6)[0].get_color()
+        fin = final(summ)
+        if fin is not None:
+            ax.plot([t[-1]], [100 * fin[1]], "o", ms=7, color=color, label=f"{label}: {100 * fin[1]:.1f}% ({fin[2]} imgs)")
+        lines.append(f"| {label} | {len(rows)} | {t[-1]:.1f} | {flops:.2f} | "
+                     f"{acc[-1]:.1f}% |" + (f" {fin[2]} | {100 * fin[0]:.1f}% | {100 * fin[1]:.1f}% |" if fin else
+                                             " - | - | - |"))
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall time on 2 CPU cores (minutes, log scale)")
+    ax.set_ylabel("certified accuracy, double masking k=6, 5x5 (%)")
+    ax.axhline(60, color="grey", lw=0.8, ls=":")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5, loc="upper left")
+    fig.suptitle("CIFAR-10 (re-encoded copy): double-masking models; lines: per-epoch 64-image evaluation, "
+                 "dots: final evaluation; dotted: issue 18's goal", fontsize=8)
+    fig.tight_layout()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
