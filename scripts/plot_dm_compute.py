@@ -5,11 +5,11 @@
 For each run: the per-epoch evaluation of the training log (double masking k = 6, 5x5, bf16, on
 64 test images spread over the first 1,000: noisy, +-6 points) as a thin line, and the run's
 final ``patchcert certify`` evaluation (``*_summary.json``: more images, the figure that counts)
-as a large marker. The x axis is the CPU budget itself, cumulative training wall time in
-minutes on this machine's 2 cores (from the log's ``epoch_seconds``; a run initialised from
-another model starts at that model's time); the table adds training FLOPs, 3 x 2 x forward MACs
-per image x images seen, plus the extra forward passes of greedy cutout (8 per greedy image) and
-of a distillation teacher (1 per image).
+as a large marker. The x axis is training compute, 3 x 2 x forward MACs per image x images
+seen, plus the extra forward passes of greedy cutout (8 per greedy image) and of a
+distillation teacher (1 per image); a run initialised from another model starts at that
+model's compute. The table adds the wall time on this machine's 2 cores (from the logs'
+``epoch_seconds``; the VM's speed varied between sessions by up to 2x).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ RUNS = [
      "docs/pilots/dm_narrow_cert256_summary.json", 0.0, None),
     ("pilot wide: 128/512/512, 2 ep", "docs/pilots/dm_wide.csv", {"widths": [128, 512, 512], "stem": 48},
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
-    ("long run (session 6 on)", "docs/doublemask_cifar10_long_train_log.csv", W96, "docs/pilots/long_cert_summary.json",
-     1.0, None),
+    ("long run: v1 + two-mask mix + self-distillation", "docs/doublemask_cifar10_long_train_log.csv", W96,
+     "docs/pilots/long_cert256_summary.json", 1.0, "docs/doublemask_cifar10_train_log.csv"),
 ]
 
 
@@ -97,24 +97,25 @@ def main() -> int:
         flop_img = (6 + 2 * extra) * macs  # forward + backward = 3 forwards, 2 FLOPs per MAC
         t0 = sum(r.get("epoch_seconds", 0.0) for r in read(ROOT / init)) / 60 if init else 0.0
         f0 = len(read(ROOT / init)) * TRAIN_IMAGES * 6 * macs / 1e15 if init else 0.0
-        t, acc = [], []
+        t, x, acc = [], [], []
         for r in rows:
             t0 += r.get("epoch_seconds", 0.0) / 60
             t.append(t0)
+            x.append(f0 + r["epoch"] * TRAIN_IMAGES * flop_img / 1e15)
             acc.append(100 * r.get("eval_cert_acc", 0.0))
-        flops = f0 + len(rows) * TRAIN_IMAGES * flop_img / 1e15
+        flops = x[-1]
         real = any(v > 0 for v in acc)  # v1's log predates double-masking evaluation in training (all 0)
         color = None
         if real:
-            color = ax.plot(t, acc, "-", lw=0.8, alpha=0.6)[0].get_color()
+            color = ax.plot(x, acc, "-", lw=0.8, alpha=0.6)[0].get_color()
         fin = final(summ)
         if fin is not None:
-            ax.plot([t[-1]], [100 * fin[1]], "o", ms=7, color=color, label=f"{label}: {100 * fin[1]:.1f}% ({fin[2]} imgs)")
+            ax.plot([x[-1]], [100 * fin[1]], "o", ms=7, color=color, label=f"{label}: {100 * fin[1]:.1f}% ({fin[2]} imgs)")
         lines.append(f"| {label} | {len(rows)} | {t[-1]:.1f} | {flops:.2f} | "
                      f"{acc[-1]:.1f}% |" + (f" {fin[2]} | {100 * fin[0]:.1f}% | {100 * fin[1]:.1f}% |" if fin else
                                              " - | - | - |"))
     ax.set_xscale("log")
-    ax.set_xlabel("training wall time on 2 CPU cores (minutes, log scale)")
+    ax.set_xlabel("training compute (PFLOP, log scale; forward + backward + greedy / teacher passes)")
     ax.set_ylabel("certified accuracy, double masking k=6, 5x5 (%)")
     ax.axhline(60, color="grey", lw=0.8, ls=":")
     ax.grid(alpha=0.3, which="both")
