@@ -9,6 +9,7 @@ margin (bitwise), its window, placement and class, and the margin maps.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -67,13 +68,23 @@ def random_windows(rng: random.Random, H: int, W: int):
     return out
 
 
-def compare(d, kind, params, s, y, windows, ref_predict, ref_details, tally):
+def compare(d, kind, params, s, y, windows, ref_predict, ref_details, tally, margin_tol: float = 0.0):
+    """``margin_tol``: for a clipping whose values come from a transcendental function (tanh), the
+    reference's tanh may differ from the vectorised one by an ulp, which can move a value by one
+    step of the 2^-32 grid the defense rounds to: margins then agree within ``margin_tol`` and
+    everything else exactly, except for images whose margin is within ``margin_tol`` of 0."""
     assert d.predict(s).tolist() == ref_predict, (d, s, y)
     fast = d.certify_details(s, y, windows)
     exp = ref_details
     got = details_as_dicts(fast)
     for i, (a, b) in enumerate(zip(got, exp)):
-        assert a == b, f"{d} image {i} windows {windows}\nscores {s[i].tolist()} label {int(y[i])}\nfast {a}\nref  {b}"
+        msg = f"{d} image {i} windows {windows}\nscores {s[i].tolist()} label {int(y[i])}\nfast {a}\nref  {b}"
+        if margin_tol and a["margin"] is not None and b["margin"] is not None and math.isfinite(b["margin"]):
+            assert abs(a["margin"] - b["margin"]) <= margin_tol, msg
+            if abs(b["margin"]) > margin_tol:
+                assert {**a, "margin": None} == {**b, "margin": None}, msg
+            continue
+        assert a == b, msg
     assert torch.equal(d.certify(s, y, windows), fast.certified)
     # the documented invariant: certified == tie rule applied to the worst margin
     rule = (fast.margin > 0) | ((fast.margin == 0) & (fast.worst_class > y))

@@ -13,6 +13,7 @@ Every registered defense runs with each of its own ``example_configs()``:
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_register_defense_refuses_a_duplicate_name():
 def test_matches_the_reference(case):
     name, cfg = case
     d = create_defense(name, **cfg)
-    rng = random.Random(hash(d.key) % 1000)
+    rng = random.Random(zlib.crc32(d.key.encode()) % 1000)  # not hash(): it changes with every process
     gen = torch.Generator().manual_seed(rng.randint(0, 10**6))
     tally = [0, 0]
     for it in range(30):
@@ -102,7 +103,10 @@ def test_matches_the_reference(case):
             s = s * 10
         windows = random_windows(rng, s.shape[2], s.shape[3])
         rp, rd = REFERENCES[name](s, y, windows, d.config)
-        compare(d, name, cfg, s, y, windows, rp, rd, tally)
+        tanh = name == "clipping" and d.config.get("clip") == "tanh"
+        # one 2^-32 grid step per clipped cell of a window, for two classes
+        tol = 2.0 ** -32 * 2 * max(a * b for a, b in windows) if tanh else 0.0
+        compare(d, name, cfg, s, y, windows, rp, rd, tally, margin_tol=tol)
 
 
 @pytest.mark.parametrize("case", _cases(_all("scores")), ids=_id)
