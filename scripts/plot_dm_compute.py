@@ -43,8 +43,8 @@ RUNS = [
      "docs/pilots/dm_narrow_cert256_summary.json", 0.0, None),
     ("pilot wide: 128/512/512, 2 ep", "docs/pilots/dm_wide.csv", {"widths": [128, 512, 512], "stem": 48},
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
-    ("long run: v1 + two-mask mix + self-distillation", "docs/doublemask_cifar10_long_train_log.csv", W96,
-     "docs/pilots/long_e14_cert256_summary.json", 1.0, "docs/doublemask_cifar10_train_log.csv"),
+    ("long run: narrow + two-mask mix (unfinished)", "docs/doublemask_cifar10_long_train_log.csv",
+     {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_e14_cert256_summary.json", 0.0, None),
 ]
 
 
