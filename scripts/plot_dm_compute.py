@@ -15,16 +15,10 @@ model's compute. The table adds the wall time on this machine's 2 cores (from th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
-import torch
-
-from patchcert.models import create_model
-
-TRAIN_IMAGES = 50_000
-ROOT = Path(__file__).resolve().parent.parent
+from plot_training_compute import ROOT, TRAIN_IMAGES, forward_macs, read  # scripts/ is on the path
 W96 = {"widths": [96, 384, 384], "stem": 32}
 
 # (label, log, model_cfg, final summary or None, extra forward passes per image, log it started from)
@@ -46,28 +40,6 @@ RUNS = [
     ("long run: narrow + two-mask mix (unfinished)", "docs/doublemask_cifar10_long_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_e14_cert256_summary.json", 0.0, None),
 ]
-
-
-def forward_macs(cfg: dict) -> int:
-    m = create_model("fastnet_cifar", num_classes=10, **cfg).eval()
-    total = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, torch.nn.Conv2d):
-            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-        elif isinstance(mod, torch.nn.Linear):
-            total[0] += out.numel() * mod.in_features
-
-    for mod in m.modules():
-        mod.register_forward_hook(hook)
-    with torch.no_grad():
-        m(torch.zeros(1, 3, 32, 32))
-    return total[0]
-
-
-def read(path: Path) -> list[dict[str, float]]:
-    with path.open() as f:
-        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
 
 
 def final(path: str | None) -> tuple[float, float, int] | None:
@@ -93,7 +65,7 @@ def main() -> int:
         if not p.exists():
             continue
         rows = read(p)
-        macs = forward_macs(cfg)
+        macs = forward_macs("fastnet_cifar", cfg)
         flop_img = (6 + 2 * extra) * macs  # forward + backward = 3 forwards, 2 FLOPs per MAC
         t0 = sum(r.get("epoch_seconds", 0.0) for r in read(ROOT / init)) / 60 if init else 0.0
         f0 = len(read(ROOT / init)) * TRAIN_IMAGES * 6 * macs / 1e15 if init else 0.0

@@ -53,6 +53,18 @@ def test_mask_cutout_bad_options(bad):
         create_objective("mask_cutout", model, (32, 32), **bad)
 
 
+def _resumes_bit_identically(tmp_path: Path, base: dict):
+    """The run trained in one call and in two (stopped after epoch 1, resumed) ends with the same
+    weights; returns the first run's model."""
+    train(TrainConfig(**base, out_dir=str(tmp_path / "a")))
+    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), stop_after_epoch=1)
+    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), resume=True)
+    a, b = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+    return a
+
+
 @pytest.mark.parametrize("greedy", [0.0, 0.5])
 def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path, greedy):
     base = dict(model="fastnet_cifar", model_cfg={"widths": [4, 4, 4], "stem": 4}, dataset="synthetic",
@@ -60,12 +72,7 @@ def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path, greedy):
                                                         "greedy_fraction": greedy, "greedy_candidates": 3},
                 epochs=2, batch_size=16, optimizer="sgd", lr=0.05, nesterov=True, warmup_epochs=0.5,
                 eval_examples=16, seed=3, num_threads=1)
-    train(TrainConfig(**base, out_dir=str(tmp_path / "a")))
-    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), stop_after_epoch=1)
-    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), resume=True)
-    a, b = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, w), k
+    a = _resumes_bit_identically(tmp_path, base)
     assert a.checkpoint_meta["objective"]["name"] == "mask_cutout"
 
 
@@ -174,10 +181,5 @@ def test_distilled_training_resumes_bit_identically(tmp_path: Path):
                                                         "greedy_fraction": 0.5, "greedy_candidates": 2},
                 dataset_cfg={"num_classes": 3}, epochs=2, batch_size=16, optimizer="sgd", lr=0.05, warmup_epochs=0.5, eval_examples=16, seed=3,
                 num_threads=1)
-    train(TrainConfig(**base, out_dir=str(tmp_path / "a")))
-    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), stop_after_epoch=1)
-    train(TrainConfig(**base, out_dir=str(tmp_path / "b")), resume=True)
-    a, b = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, w), k
+    a = _resumes_bit_identically(tmp_path, base)
     assert a.checkpoint_meta["objective"]["distill_weight"] == 0.5

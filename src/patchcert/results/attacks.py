@@ -16,10 +16,10 @@ One record::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 from ..errors import PatchcertError
-from .files import _dumps
+from .records import _PerExample, _record
 
 __all__ = ["AttackOutcome", "AttackDefenseOutcome", "AttackRecord", "AttackCounter", "attack_record"]
 
@@ -95,34 +95,20 @@ class AttackDefenseOutcome:
 
 
 @dataclass
-class AttackRecord:
+class AttackRecord(_PerExample):
     """Everything an attack run learnt about one example (one line of its ``records.jsonl``);
     ``clean_pred``: the undefended prediction."""
 
+    outcome: ClassVar[Any] = AttackDefenseOutcome
     index: int
     label: int
     clean_pred: int
     defenses: dict[str, AttackDefenseOutcome]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"index": int(self.index), "label": int(self.label), "clean_pred": int(self.clean_pred),
-                "defenses": {k: v.to_json() for k, v in self.defenses.items()}}
-
-    def to_line(self) -> str:
-        return _dumps(self.to_json())
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "AttackRecord":
-        return cls(int(d["index"]), int(d["label"]), int(d["clean_pred"]),
-                   {str(k): AttackDefenseOutcome.from_json(v) for k, v in d["defenses"].items()})
-
 
 def attack_record(path: Any, i: int, d: Mapping[str, Any]) -> AttackRecord:
     """Line ``i`` of an attack ``records.jsonl`` as a record (one-line error if malformed)."""
-    try:
-        return AttackRecord.from_json(d)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise PatchcertError(f"{path}: record {i + 1} is not a valid attack record ({type(e).__name__}: {e})") from None
+    return _record(path, i, d, AttackRecord, "attack record")
 
 
 class AttackCounter:

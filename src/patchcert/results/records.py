@@ -8,7 +8,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from ..checkpoint import atomic_write_text
 from ..errors import PatchcertError
@@ -107,19 +107,15 @@ class DefenseOutcome:
         )
 
 
-@dataclass
-class ExampleRecord:
-    """Everything certified about one example (one line of ``records.jsonl``).
+class _PerExample:
+    """JSON of a per-example record (one line of a ``records.jsonl``): ``index``, ``label``,
+    ``clean_pred`` and, by defense key, an outcome of the class's ``outcome`` type."""
 
-    ``index`` is the example's index in the dataset (or in the cached score file's
-    ``indices``), ``clean_pred`` the undefended prediction: argmax over classes of the
-    spatially averaged score map (ties to the lowest class).
-    """
-
+    outcome: ClassVar[Any]
     index: int
     label: int
     clean_pred: int
-    defenses: dict[str, DefenseOutcome]
+    defenses: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         return {"index": int(self.index), "label": int(self.label), "clean_pred": int(self.clean_pred),
@@ -129,9 +125,25 @@ class ExampleRecord:
         return _dumps(self.to_json())
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "ExampleRecord":
-        return cls(int(d["index"]), int(d["label"]), int(d["clean_pred"]),
-                   {str(k): DefenseOutcome.from_json(v) for k, v in d["defenses"].items()})
+    def from_json(cls, d: Mapping[str, Any]) -> Any:
+        return cls(int(d["index"]), int(d["label"]), int(d["clean_pred"]),  # type: ignore[call-arg]
+                   {str(k): cls.outcome.from_json(v) for k, v in d["defenses"].items()})
+
+
+@dataclass
+class ExampleRecord(_PerExample):
+    """Everything certified about one example (one line of ``records.jsonl``).
+
+    ``index`` is the example's index in the dataset (or in the cached score file's
+    ``indices``), ``clean_pred`` the undefended prediction: argmax over classes of the
+    spatially averaged score map (ties to the lowest class).
+    """
+
+    outcome: ClassVar[Any] = DefenseOutcome
+    index: int
+    label: int
+    clean_pred: int
+    defenses: dict[str, DefenseOutcome]
 
 
 TABLE_FIELDS = ["index", "label", "clean_pred", "defense", "patch", "pred", "correct", "certified", "margin",
@@ -194,11 +206,12 @@ def append_records(path: str | os.PathLike, records: Sequence[ExampleRecord]) ->
     results.append_jsonl(path, [r.to_line() for r in records])
 
 
-def _record(path: str | os.PathLike, i: int, d: dict[str, Any]) -> ExampleRecord:
+def _record(path: Any, i: int, d: Mapping[str, Any], kind: Any = ExampleRecord, what: str = "record") -> Any:
+    """Line ``i`` of a ``records.jsonl`` as a ``kind`` record (one-line error if malformed)."""
     try:
-        return ExampleRecord.from_json(d)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise PatchcertError(f"{path}: record {i + 1} is not a valid record ({type(e).__name__}: {e})") from None
+        return kind.from_json(d)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise PatchcertError(f"{path}: record {i + 1} is not a valid {what} ({type(e).__name__}: {e})") from None
 
 
 def _records(path: str | os.PathLike, objs: list[dict[str, Any]]) -> list[ExampleRecord]:
