@@ -69,22 +69,23 @@ def main() -> int:
         flop_img = (6 + 2 * extra) * macs  # forward + backward = 3 forwards, 2 FLOPs per MAC
         t0 = sum(r.get("epoch_seconds", 0.0) for r in read(ROOT / init)) / 60 if init else 0.0
         f0 = len(read(ROOT / init)) * TRAIN_IMAGES * 6 * macs / 1e15 if init else 0.0
-        t, x, acc = [], [], []
+        t, x, acc = [], [], []  # acc: (compute, certified %, epoch) of the evaluated epochs (eval_every)
         for r in rows:
             t0 += r.get("epoch_seconds", 0.0) / 60
             t.append(t0)
             x.append(f0 + r["epoch"] * TRAIN_IMAGES * flop_img / 1e15)
-            acc.append(100 * r.get("eval_cert_acc", 0.0))
+            if "eval_cert_acc" in r:
+                acc.append((x[-1], 100 * r["eval_cert_acc"], int(r["epoch"])))
         flops = x[-1]
-        real = any(v > 0 for v in acc)  # v1's log predates double-masking evaluation in training (all 0)
+        real = any(v > 0 for _, v, _ in acc)  # v1's log predates double-masking evaluation in training (all 0)
         color = None
         if real:
-            color = ax.plot(x, acc, "-", lw=0.8, alpha=0.6)[0].get_color()
+            color = ax.plot([a[0] for a in acc], [a[1] for a in acc], "-", lw=0.8, alpha=0.6)[0].get_color()
         fin = final(summ)
         if fin is not None:
             ax.plot([x[-1]], [100 * fin[1]], "o", ms=7, color=color, label=f"{label}: {100 * fin[1]:.1f}% ({fin[2]} imgs)")
         lines.append(f"| {label} | {len(rows)} | {t[-1]:.1f} | {flops:.2f} | "
-                     f"{acc[-1]:.1f}% |" + (f" {fin[2]} | {100 * fin[0]:.1f}% | {100 * fin[1]:.1f}% |" if fin else
+                     f"{acc[-1][1]:.1f}% (epoch {acc[-1][2]}) |" + (f" {fin[2]} | {100 * fin[0]:.1f}% | {100 * fin[1]:.1f}% |" if fin else
                                              " - | - | - |"))
     ax.set_xscale("log")
     ax.set_xlabel("training compute (PFLOP, log scale; forward + backward + greedy / teacher passes)")

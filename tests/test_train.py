@@ -187,6 +187,30 @@ def test_resume_with_changed_config_is_a_one_line_error(tmp_path):
     assert load_tensors(Path(cfg.out_dir) / "state.safetensors")[1]["epoch"] == 2
 
 
+def test_eval_every_changes_no_training_and_may_change_on_resume(tmp_path):
+    """Evaluation runs on a forked RNG: evaluating after every epoch, after every 3rd (and the
+    last), or switching between them on --resume trains the same weights bit for bit, also with
+    shake-shake (the global RNG) and the bf16/channels_last path."""
+    kw = dict(epochs=4, model_cfg={"rf": 5, "width": 4, "shake": True}, objective="ce", objective_cfg={},
+              optimizer="sgd", bf16=True, channels_last=True)
+    every = _cfg(tmp_path, "every", **kw)
+    train(every)
+    sparse = _cfg(tmp_path, "sparse", eval_every=3, **kw)
+    m = train(sparse)
+    _assert_identical(_state(Path(every.out_dir)), _state(Path(sparse.out_dir)))
+    rows = (Path(sparse.out_dir) / "log.csv").read_text().splitlines()
+    assert rows[0].endswith("eval_clean_acc,eval_cert_acc")
+    assert [r.endswith(",,") for r in rows[1:]] == [True, True, False, False]  # epochs 3 and 4 (the last) evaluated
+    h_every = load_tensors(Path(every.out_dir) / "state.safetensors")[1]["history"]
+    assert m["eval_cert_acc"] == h_every[-1]["eval_cert_acc"] and m["eval_clean_acc"] == h_every[-1]["eval_clean_acc"]
+    switched = _cfg(tmp_path, "switched", eval_every=2, **kw)
+    train(switched, stop_after_epoch=1)
+    train(_cfg(tmp_path, "switched", eval_every=1, **kw), resume=True)
+    _assert_identical(_state(Path(every.out_dir)), _state(Path(switched.out_dir)))
+    with pytest.raises(PatchcertError, match="eval_every must be positive"):
+        train(_cfg(tmp_path, "bad", eval_every=0))
+
+
 def test_new_config_fields_default_when_comparing_old_runs():
     old = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("optimizer", "momentum", "sync_bn",
                                                                          "eval_defense", "dataset_cfg")}

@@ -72,6 +72,9 @@ class TrainConfig:
     # exponential moving average of the weights and BatchNorm statistics (None: off); when on, the
     # averaged model is the one evaluated each epoch and saved as model.safetensors
     ema_decay: float | None = None
+    # evaluate after every Nth epoch and after the last (1: every epoch); evaluation never changes
+    # training (it runs on a forked RNG), so this may change when a run is resumed
+    eval_every: int = 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -121,6 +124,8 @@ class TrainConfig:
             raise PatchcertError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.eval_examples < 0 or self.eval_batch_size < 1:
             raise PatchcertError("eval_examples must be >= 0 and eval_batch_size positive")
+        if self.eval_every < 1:
+            raise PatchcertError(f"eval_every must be positive, got {self.eval_every}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise PatchcertError(f"max_train_examples must be positive, got {self.max_train_examples}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -168,7 +173,8 @@ def _defaults() -> dict[str, Any]:
 
 
 _NOT_COMPARED = ("device", "num_threads", "out_dir", "data_dir", "eval_batch_size", "data_workers", "compile",
-                 "cudnn_benchmark", "init_from")  # init_from: a resumed run restores its own weights
+                 "cudnn_benchmark", "init_from", "eval_every")
+# init_from: a resumed run restores its own weights; eval_every: evaluation does not touch training
 
 
 def _comparable(cfg: dict) -> dict:

@@ -352,13 +352,25 @@ def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, lr: float, dt: flo
             _broadcast_state(ema.model)  # its BN averages followed each rank's own statistics
     row = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "lr": lr,
            "train_img_per_s": float(loss_sum[1]) / dt, "epoch_seconds": dt}
-    ev = evaluate(ema.model if ema is not None else run.model, run.eval_set, cfg.eval_patch, run.device,
-                  cfg.eval_batch_size, cfg.bf16, run.eval_defense, num_workers=run.eval_workers)
-    row.update({f"eval_{k}": v for k, v in ev.items()})
+    if _evaluates(cfg, epoch):
+        # on a forked RNG: an evaluation (its data loader draws a seed) never changes the training
+        # that follows, so eval_every may change between a run and its resumption
+        cuda = [run.device] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            ev = evaluate(ema.model if ema is not None else run.model, run.eval_set, cfg.eval_patch, run.device,
+                          cfg.eval_batch_size, cfg.bf16, run.eval_defense, num_workers=run.eval_workers)
+        row.update({f"eval_{k}": v for k, v in ev.items()})
     run.history.append(row)
     if run.rank == 0:
         _save_epoch(cfg, run.out, run.model, run.opt, run.gen, run.device, run.objective, run.train_set,
                     run.eval_set, run.resolved, run.history, run.world, run.eval_defense, ema)
-        log.info("epoch %d/%d loss %.4f clean %.3f cert %.3f (%.0f img/s)", epoch + 1, cfg.epochs,
-                 row["loss"], row["eval_clean_acc"], row["eval_cert_acc"], row["train_img_per_s"])
+        evaluated = (f" clean {row['eval_clean_acc']:.3f} cert {row['eval_cert_acc']:.3f}"
+                     if "eval_cert_acc" in row else "")
+        log.info("epoch %d/%d loss %.4f%s (%.0f img/s)", epoch + 1, cfg.epochs, row["loss"], evaluated,
+                 row["train_img_per_s"])
     return row
+
+
+def _evaluates(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the 0-based ``epoch`` ends with an evaluation: every ``eval_every``-th and the last."""
+    return cfg.eval_examples > 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)

@@ -57,6 +57,7 @@ FIELD_HELP: dict[str, str] = {
     "init_from": "start a new run from a checkpoint's matching tensors (fine-tuning, a converted BagNet, or "
                  "training a finished run longer)",
     "ema_decay": "exponential moving average of the weights (e.g. 0.999; the averaged model is evaluated and saved)",
+    "eval_every": "evaluate after every Nth epoch and the last (may change on --resume: evaluation never alters training)",
 }
 
 
