@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from patchcert.models.convert import skeleton_model
 from patchcert.train import TrainConfig, train

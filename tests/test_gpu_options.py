@@ -20,7 +20,6 @@ from patchcert.errors import PatchcertError
 from patchcert.models import create_model
 from patchcert.runtime import math_mode, precise_math
 from patchcert.train import TrainConfig, train
-from patchcert.train import loop as loop_mod
 from patchcert.train.loop import _SyncBatchNorm, autocast, sync_batchnorm
 
 TINY = dict(model="bagcert_cifar", model_cfg={"rf": 5, "width": 4}, dataset="synthetic", epochs=1, batch_size=16,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from patchcert.certify import certify_dataset
 from patchcert.data import load_dataset

@@ -12,7 +12,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 import patchcert
