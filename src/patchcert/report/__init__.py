@@ -5,8 +5,12 @@ Inputs are run directories written by ``patchcert certify --out RUN`` (``records
 (merged here in memory; nothing is written into a run), and optionally attack runs written by
 ``patchcert attack --out DIR`` (for the empirical robust accuracy). Outputs:
 
-* ``results.md`` / ``results.csv`` -- one row per run x defense x patch: clean, certified and
-  (with an attack run) robust accuracy, certification and forward seconds per image;
+* ``results.md`` / ``results.csv`` -- one row per run x defense x patch: clean, certified (with
+  its 95% Wilson interval) and (with an attack run) robust accuracy, certification and forward
+  seconds per image;
+* ``report.md`` also tabulates, for runs of at least 200 examples, the certified accuracy over
+  consecutive blocks of the examples with a chi-square test that the blocks agree within noise
+  (:mod:`patchcert.report.stats`);
 * ``certified_vs_square_patch.png`` -- certified accuracy against an s x s patch as a
   function of s, from the records' ``largest_square`` (BagCert Fig. 3);
 * ``certified_vs_aspect_ratio.png`` -- certified accuracy against rectangles of one area as a
@@ -45,6 +49,7 @@ from .plots import (
     plot_square_sizes,
     square_curve,
 )
+from .stats import BlockTest, certified_by_block, wilson_interval
 from .tables import CSV_FIELDS, ReportRow, report_rows, rows_to_csv, rows_to_markdown
 from .disagreement import plot_disagreement
 from .vulnerability import plot_vulnerability, region_scores, scoremap_rows
@@ -72,11 +77,41 @@ __all__ = [
     "plot_vulnerability",
     "plot_disagreement",
     "region_scores",
+    "wilson_interval",
+    "certified_by_block",
+    "BlockTest",
     "make_report",
 ]
 
 
 # -- everything --------------------------------------------------------------------------
+
+def _block_sections(runs: Sequence[CertifyRunData], per_block: int = 100, max_blocks: int = 10) -> list[str]:
+    """report.md: the certified accuracy of every run x defense x patch over consecutive blocks
+    of its examples (at least ``per_block`` each, at most ``max_blocks``), with a homogeneity test."""
+    lines: list[str] = []
+    for run in runs:
+        nb = min(max_blocks, len(run.records) // per_block)
+        if nb < 2:
+            continue
+        for r in run.summary.results:
+            if not all(r.defense in rec.defenses and r.patch in rec.defenses[r.defense].certified
+                       for rec in run.records):
+                continue
+            t = certified_by_block(run.records, r.defense, r.patch, nb)
+            lo, hi = wilson_interval(t.certified, t.n)
+            lines += [f"## Certified accuracy by block: {run.name}, {r.defense}, {r.patch}", "",
+                      f"{t.n} examples in {len(t.blocks)} blocks (dataset order); overall {100 * t.certified / t.n:.2f}% "
+                      f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%). Homogeneity (chi-square, {t.df} df): "
+                      f"{t.chi2:.2f}, p = {t.p_value:.3g}" + (" -- the blocks differ by more than noise." if
+                                                              t.p_value < 0.01 else "."), "",
+                      "| examples | n | certified | 95% CI |", "|---|---:|---:|---:|"]
+            for b in t.blocks:
+                blo, bhi = b.interval()
+                lines.append(f"| {b.first}-{b.last} | {b.n} | {100 * b.accuracy:.2f}% | {100 * blo:.1f}-{100 * bhi:.1f}% |")
+            lines.append("")
+    return lines
+
 
 @dataclass
 class ReportOutput:
@@ -158,6 +193,7 @@ def make_report(
         lines.append("Attack runs: " + ", ".join(f"`{a.path}`" for a in att))
     lines += ["", "Accuracies over the run's examples; certified = a lower bound on robust accuracy, robust (attack) "
               "= accuracy under the heuristic patch attack, an upper bound.", "", md_table]
+    lines += _block_sections(loaded)
     for r in loaded:  # images that could not be decoded (certify --skip-bad-images): in no count
         sk = r.summary.metadata.skipped
         if sk:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .load import AttackRunData, CertifyRunData
+from .stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ class ReportRow:
     forward_seconds_per_image: float | None = None
     attack_seconds_per_image: float | None = None
     shapes: dict[str, float] | None = None
+    # 95% Wilson score interval of the certified accuracy (report.stats.wilson_interval)
+    certified_low: float | None = None
+    certified_high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.certified_low is None and self.n > 0:
+            self.certified_low, self.certified_high = wilson_interval(round(self.certified_accuracy * self.n), self.n)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -58,6 +66,8 @@ def report_rows(runs: Sequence[CertifyRunData], attacks: Sequence[AttackRunData]
                 resolved=r.resolved, n=run.summary.n, clean_accuracy=r.clean_accuracy,
                 certified_accuracy=r.certified_accuracy, certify_seconds_per_image=r.certify_seconds_per_image,
                 forward_seconds_per_image=md.forward_seconds_per_image, shapes=r.shapes,
+                certified_low=None if r.n == 0 else wilson_interval(r.num_certified, r.n)[0],
+                certified_high=None if r.n == 0 else wilson_interval(r.num_certified, r.n)[1],
             )
             for ai, att in enumerate(attacks):
                 amd = att.summary["metadata"]
@@ -111,7 +121,7 @@ def _md_escape(s: str) -> str:
 def rows_to_markdown(rows: Sequence[ReportRow]) -> str:
     """A GitHub-flavoured markdown table (percentages; times in ms per image)."""
     has_att = any(r.robust_accuracy is not None for r in rows)
-    cols = ["run", "model", "data", "defense", "patch", "n", "clean", "certified"]
+    cols = ["run", "model", "data", "defense", "patch", "n", "clean", "certified", "certified 95% CI"]
     if has_att:
         cols += ["robust (attack)", "attack", "soundness"]
     cols += ["certify ms/img", "forward ms/img"]
@@ -120,7 +130,9 @@ def rows_to_markdown(rows: Sequence[ReportRow]) -> str:
                                                            for c in cols) + "|"]
     for r in rows:
         patch = r.patch if r.resolved in ("", r.patch) or len(r.resolved) > 24 else f"{r.patch} ({r.resolved})"
-        cells = [r.run, r.model, r.data, r.defense, patch, str(r.n), _pct(r.clean_accuracy), _pct(r.certified_accuracy)]
+        ci = "" if r.certified_low is None else f"{100 * r.certified_low:.1f}-{100 * r.certified_high:.1f}%"
+        cells = [r.run, r.model, r.data, r.defense, patch, str(r.n), _pct(r.clean_accuracy), _pct(r.certified_accuracy),
+                 ci]
         if has_att:
             sf = "" if r.soundness_failures is None else ("ok" if r.soundness_failures == 0
                                                           else f"**{r.soundness_failures} FAILURES**")
@@ -133,7 +145,7 @@ def rows_to_markdown(rows: Sequence[ReportRow]) -> str:
 
 CSV_FIELDS = ["run", "model", "data", "defense", "patch", "resolved", "n", "clean_accuracy", "certified_accuracy",
               "robust_accuracy", "attack", "attack_n", "soundness_failures", "certify_seconds_per_image",
-              "forward_seconds_per_image", "attack_seconds_per_image"]
+              "forward_seconds_per_image", "attack_seconds_per_image", "certified_low", "certified_high"]
 
 
 def rows_to_csv(rows: Sequence[ReportRow]) -> str:
