@@ -216,7 +216,7 @@ def _plan_job(*, model, data, scores, defenses, patches, batch_size, device, dty
     square_cap = min(square_cap, min(src.image_size))
     if save_scores and out_dir is None:
         raise PatchcertError("save_scores needs an output directory")
-    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
+    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size, src.deployment)
     squares = square_windows(src.geometry, square_cap) if square_cap > 0 else None
     prov = _provenance(model, data, scores)
     nb = math.ceil(num_examples / batch_size)

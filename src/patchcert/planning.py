@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .defenses import Defense, Threat, defense_class
 from .errors import PatchcertError
@@ -95,7 +95,7 @@ def default_mask_shapes(plans: Sequence[PatchPlan]) -> list[tuple[int, int]]:
     return out
 
 
-def _build_one(s: Any, threat: Threat) -> DefensePlan:
+def _build_one(s: Any, threat: Threat, deployment: Mapping[str, Mapping[str, Any]] | None = None) -> DefensePlan:
     if isinstance(s, Defense):
         if s.evidence_source == "images":  # built for this run's threat (e.g. its mask set)
             cls = type(s)
@@ -107,8 +107,15 @@ def _build_one(s: Any, threat: Threat) -> DefensePlan:
     if not isinstance(s, (str, DefenseSpec)):
         raise PatchcertError(f"a defense must be a spec string like 'voting' or a patchcert Defense, got {s!r}")
     spec = parse_defense_spec(s)
+    params = dict(spec.params)
     try:
-        d = defense_class(spec.name).for_threat(dict(spec.params), threat)
+        cls = defense_class(spec.name)
+        measured = {k: v for k, v in (deployment or {}).get(cls.name, {}).items() if k not in params}
+        if measured:
+            log.info("%s: the model's measured deployment options %s (checkpoint metadata 'deployment'; "
+                     "give them in the spec to override)", spec.text,
+                     ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in measured.items()))
+        d = cls.for_threat({**measured, **params}, threat)
     except PatchcertError as e:
         raise PatchcertError(f"defense {spec.text!r}: {e}") from None
     except (TypeError, ValueError) as e:
@@ -119,13 +126,16 @@ def _build_one(s: Any, threat: Threat) -> DefensePlan:
 def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tuple[int, int] | None = None,
                    wrap: bool = False, image_size: tuple[int, int] | None = None,
                    default_shapes: Sequence[tuple[int, int]] | None = None,
-                   threat: Threat | None = None) -> list[DefensePlan]:
+                   threat: Threat | None = None,
+                   deployment: Mapping[str, Mapping[str, Any]] | None = None) -> list[DefensePlan]:
     """Build every defense up front (bad names/parameters fail here, before any work).
 
     ``threat`` (or, spelled out, ``default_window``: the window covering the requested patch
     windows; ``wrap``: the score map's windows wrap around its edges -- De-randomized
     smoothing's bands; ``image_size`` and ``default_shapes``: for pixel defenses) is handed to
-    each defense's :meth:`~patchcert.defenses.Defense.for_threat`.
+    each defense's :meth:`~patchcert.defenses.Defense.for_threat`. ``deployment``: per defense
+    name, options a spec string that leaves them out takes (the model's measured deployment,
+    :func:`patchcert.runs.source.deployment_options`); built Defense objects are taken as they are.
     """
     if not specs:
         raise PatchcertError("no defense given")
@@ -135,7 +145,7 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
                         mask_shapes=tuple(tuple(s) for s in default_shapes or ()))  # type: ignore[misc]
     plans: list[DefensePlan] = []
     for s in specs:
-        plan = _build_one(s, threat)
+        plan = _build_one(s, threat, deployment)
         if any(p.key == plan.key for p in plans):
             raise PatchcertError(f"defense {plan.key!r} requested twice")
         plans.append(plan)
@@ -143,7 +153,8 @@ def build_defenses(specs: Sequence[str | DefenseSpec | Any], default_window: tup
 
 
 def plan_threat(defenses: Sequence[str | DefenseSpec | Any], patches: Sequence[str | PatchSpec],
-                geometry: Geometry, image_size: tuple[int, int]) -> tuple[list[DefensePlan], list[PatchPlan]]:
+                geometry: Geometry, image_size: tuple[int, int],
+                deployment: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[list[DefensePlan], list[PatchPlan]]:
     """The defenses and patches of a run, exactly as every verb (certify, attack, training
     evaluation) must build them for one model: patch specs resolved on ``geometry``, then each
     defense built for that threat (``wrap`` from the geometry: a wrapping map gets wrapping
@@ -154,7 +165,7 @@ def plan_threat(defenses: Sequence[str | DefenseSpec | Any], patches: Sequence[s
         shapes=tuple(s for p in patch_plans for s in p.shapes),
         windows=tuple(w for p in patch_plans for w in p.windows), wrap=geometry.wrap,
         mask_shapes=tuple(default_mask_shapes(patch_plans)))
-    return build_defenses(defenses, threat=threat), patch_plans
+    return build_defenses(defenses, threat=threat, deployment=deployment), patch_plans
 
 
 def check_sources(defense_plans: Sequence[DefensePlan], patch_plans: Sequence[PatchPlan], has_model: bool,

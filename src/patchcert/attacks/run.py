@@ -134,7 +134,7 @@ def _plan(model, data, defenses, patches, config, strong, batch_size, device, dt
     dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     # exactly the defenses `certify` builds for this model (wrap-around windows on DS maps)
-    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size)
+    defense_plans, patch_plans = plan_threat(defenses, patches, src.geometry, src.image_size, src.deployment)
     prov = provenance(model, data, None)
     job_config = json.loads(json.dumps({
         "format": 1, "kind": "attack", "model": prov["model"], "model_sha256": prov["model_sha256"],

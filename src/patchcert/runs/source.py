@@ -5,7 +5,7 @@ selection and precision before any work."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from ..geometry import Geometry
 from ..results import ScoreFile
 from ..specs import jsonable
 
-__all__ = ["DTYPES", "Source", "model_source", "score_source", "provenance", "check_selection", "check_pos_int",
+__all__ = ["DTYPES", "Source", "deployment_options", "model_source", "score_source", "provenance", "check_selection", "check_pos_int",
            "resolve_dtype", "state_dict_sha256"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -51,6 +51,33 @@ class Source:
     classes: list[str]
     total: int
     name: str
+    # defense name -> options a defense spec that leaves them out takes (the model's measured
+    # deployment, :func:`deployment_options`)
+    deployment: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def deployment_options(model: Any) -> dict[str, dict[str, Any]]:
+    """The deployment a checkpoint was measured in: ``checkpoint_meta["deployment"]``, e.g.
+    ``{"double-masking": {"options": {"bf16": true, "channels_last": true}, "evidence": "..."}}``
+    -> ``{"double-masking": {"bf16": True, "channels_last": True}}``. A defense spec that leaves
+    such an option out takes the measured value (``double-masking:bf16=false`` overrides it);
+    a model without the entry (every user model) gets the defenses' own defaults."""
+    meta = getattr(model, "checkpoint_meta", None)
+    dep = meta.get("deployment") if isinstance(meta, dict) else None
+    if dep is None:
+        return {}
+    bad = PatchcertError("checkpoint metadata: 'deployment' must map defense names to "
+                         "{\"options\": {name: true/false/number/string}, \"evidence\": \"...\"}")
+    if not isinstance(dep, dict):
+        raise bad
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in dep.items():
+        opts = entry.get("options") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(opts, dict) or not all(
+                isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in opts.items()):
+            raise bad
+        out[name] = dict(opts)
+    return out
 
 
 def model_source(model: Any, data: Any) -> Source:
@@ -72,7 +99,8 @@ def model_source(model: Any, data: Any) -> Source:
     chans = int(data.images.shape[1]) if hasattr(data, "images") else 3  # streamed images are decoded to RGB
     if chans != 3:
         raise PatchcertError(f"{data.name}: expected 3-channel images, got {chans}")
-    return Source(geometry, image_size, num_classes, list(data.classes), len(data), data.name)
+    return Source(geometry, image_size, num_classes, list(data.classes), len(data), data.name,
+                  deployment_options(model))
 
 
 def score_source(scores: ScoreFile) -> Source:

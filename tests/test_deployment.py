@@ -1,0 +1,91 @@
+"""A checkpoint's measured deployment (``checkpoint_meta["deployment"]``): the defense options a
+spec that leaves them out takes (e.g. double masking in bf16 + channels_last where a measured
+sample showed it changes no certificate); explicit options win; malformed metadata is a
+one-line error; a model without the entry keeps the defenses' own defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from patchcert.certify import certify_dataset
+from patchcert.checkpoint import save_checkpoint
+from patchcert.cli import main
+from patchcert.data import synthetic_dataset
+from patchcert.errors import PatchcertError
+from patchcert.models import create_model, load_model
+from patchcert.runs.source import deployment_options
+
+DEPLOY = {"double-masking": {"options": {"bf16": True, "channels_last": True},
+                             "evidence": "hand-made for the test"}}
+
+
+def _model(deploy=None):
+    torch.manual_seed(0)
+    m = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4, num_classes=3).eval()
+    if deploy is not None:
+        m.checkpoint_meta = {"deployment": deploy}
+    return m
+
+
+def _keys(model, specs, n=3):
+    data = synthetic_dataset(n=n, num_classes=3, size=32)
+    run = certify_dataset(model, data, defenses=specs, patches=["5x5"], batch_size=n, square_cap=0)
+    return [r.defense for r in run.summary.results], run
+
+
+def test_unspecified_options_take_the_measured_deployment():
+    keys, run = _keys(_model(DEPLOY), ["double-masking:k=2"])
+    assert keys == ["double-masking(k=2,bf16,channels_last)"]
+    cfg = run.summary.results[0].defense_config
+    assert cfg["bf16"] is True and cfg["channels_last"] is True
+    # the same certificates as the explicit spec on a model without the entry
+    _, plain = _keys(_model(), ["double-masking:k=2,bf16=true,channels_last=true"])
+    assert [r.to_json() for r in run.records] == [r.to_json() for r in plain.records]
+
+
+def test_explicit_options_override_and_other_models_keep_defaults():
+    keys, _ = _keys(_model(DEPLOY), ["double-masking:k=2,bf16=false", "voting"])
+    assert keys == ["double-masking(k=2,channels_last)", "voting(sign,3.2)"]
+    keys, _ = _keys(_model(), ["double-masking:k=2"])
+    assert keys == ["double-masking(k=2)"]
+    keys, _ = _keys(_model({}), ["double-masking:k=2"])
+    assert keys == ["double-masking(k=2)"]
+
+
+@pytest.mark.parametrize("bad", [
+    ["double-masking"],
+    {"double-masking": {"bf16": True}},  # no "options"
+    {"double-masking": {"options": {"bf16": [1]}}},
+    {"double-masking": {"options": {"bf16": "yes"}}},  # well-formed, but the defense refuses the value
+    {"double-masking": {"options": {"no_such_option": True}}},
+])
+def test_malformed_deployment_is_a_one_line_error(bad):
+    with pytest.raises(PatchcertError) as e:
+        _keys(_model(bad), ["double-masking:k=2"])
+    assert "\n" not in str(e.value)
+
+
+def test_deployment_options_reads_only_the_options():
+    assert deployment_options(_model(DEPLOY)) == {"double-masking": {"bf16": True, "channels_last": True}}
+    assert deployment_options(_model()) == {} and deployment_options(object()) == {}
+
+
+def test_cli_certify_uses_the_checkpoint_deployment(tmp_path, capsys):
+    """Through a saved checkpoint: the metadata survives save/load and the CLI's default defense
+    (double masking for a global classifier) and an explicit ``--defense double-masking`` use it."""
+    m = _model()
+    ck = tmp_path / "m.safetensors"
+    save_checkpoint(ck, m, classes=["a", "b", "c"], deployment=DEPLOY)
+    assert load_model(ck).checkpoint_meta["deployment"] == DEPLOY
+    for extra in ([], ["--defense", "double-masking:k=2"]):
+        out = tmp_path / f"run{len(extra)}"
+        rc = main(["certify", "--model", str(ck), "--dataset", "synthetic", "--dataset-cfg", "{\"num_classes\": 3}", "-n", "2", "--patch", "5x5",
+                   "--square-cap", "0", "--out", str(out), "--no-progress", *extra])
+        assert rc == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert [r["defense"] for r in summary["results"]] == [
+            "double-masking(k=6,bf16,channels_last)" if not extra else "double-masking(k=2,bf16,channels_last)"]
+    capsys.readouterr()
