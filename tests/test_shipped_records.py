@@ -3,7 +3,8 @@
 ``tests/golden/`` holds records written by ``patchcert certify`` at commit 3fe0712 (before
 double masking became a registered defense and the run was split into planning / batch /
 squares): the default model with voting and masking on the first 64 CIFAR-10 test images, and
-``doublemask_cifar10`` with double masking (k = 6) on the first 3. Today's code must write the
+``doublemask_cifar10`` (today ``doublemask_cifar10_v1``, the same weights) with double masking
+(k = 6) on the first 3. Today's code must write the
 same records (double masking's records now also name the first failing mask pair, which the old
 records left null; everything else must match to the last bit).
 """
@@ -34,7 +35,7 @@ def test_default_model_voting_and_masking_records_are_unchanged(shared_data):
 
 def test_doublemask_model_records_are_unchanged(shared_data):
     data = load_dataset("cifar10", shared_data, train=False)
-    run = certify_dataset(load_pretrained("doublemask_cifar10"), data, defenses=["double-masking:k=6"],
+    run = certify_dataset(load_pretrained("doublemask_cifar10_v1"), data, defenses=["double-masking:k=6"],
                           patches=["5x5"], num_examples=3, batch_size=128, device="cpu", square_cap=0)
     gold = _golden("shipped_doublemask_k6_3.jsonl")
     key = "double-masking(k=6)"
