@@ -9,8 +9,10 @@ for k = 6), every pair for every image, then ``certified = all pair predictions 
 It is written here from that description (a straightforward loop), with patchcert's mask set
 and fill so that both sides compute the same defense.
 
-patchcert's side is the library call behind ``patchcert certify`` (``certify_dataset`` with
-the given ``--defense`` spec, no largest-square search), timed end to end: the expensive pass
+patchcert's side is the library call behind ``patchcert certify --defense double-masking:k=K``
+(with the model's measured deployment options, e.g. bf16 + channels_last for the shipped
+``doublemask_cifar10``; ``resolved_defense`` in the output names what ran): ``certify_dataset``
+with the given ``--defense`` spec, no largest-square search, timed end to end: the expensive pass
 and every certificate and record.
 
 Both run in the same process on the same images, alternating (loop, patchcert, loop, ...)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--k", type=int, default=6)
     p.add_argument("--patch", default="5x5")
-    p.add_argument("--defense", default=None, help="patchcert's spec (default double-masking:k=K,bf16=true)")
+    p.add_argument("--defense", default=None, help="patchcert's spec (default double-masking:k=K: the model's "
+                   "measured deployment options if its checkpoint has them, else float32)")
     p.add_argument("--loop-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="precision of the official-style loop (PatchCleanser's code runs float32)")
     p.add_argument("--loop-batch", type=int, default=64, help="images per batch in the loop")
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(x.shape[-2:])
     shapes = parse_patch(args.patch).shapes(size)
     ms = union_mask_set(size, shapes, args.k)
-    spec = args.defense or f"double-masking:k={args.k},bf16=true"
+    spec = args.defense or f"double-masking:k={args.k}"  # what `patchcert certify --defense double-masking` runs
 
     def run_loop():
         return pair_loop(model, x, y, ms.rects, 0.5, args.loop_batch, args.loop_dtype == "bf16")
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         table, cert_loop = run_loop()
         t_loop.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        cert_pc, pred_pc, _ = run_pc()
+        cert_pc, pred_pc, summary = run_pc()
         t_pc.append(time.perf_counter() - t0)
     same = bool((cert_loop == cert_pc).all())
     differ = int((cert_loop != cert_pc).sum())
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "model": args.model, "n": args.num_examples, "start": args.start, "k": args.k, "masks": len(ms),
         "pairs": len(ms) * (len(ms) + 1) // 2, "patch": args.patch, "defense": spec,
+        "resolved_defense": summary.results[0].defense,
         "loop_dtype": args.loop_dtype, "loop_batch": args.loop_batch, "certify_batch": args.certify_batch,
         "threads": args.threads, "loop_s": t_loop, "patchcert_s": t_pc, "ratios": ratios,
         "ratio_median": statistics.median(ratios), "loop_ms_per_image": 1000 * min(t_loop) / args.num_examples,
