@@ -23,7 +23,7 @@ W96 = {"widths": [96, 384, 384], "stem": 32}
 
 # (label, log, model_cfg, final summary or None, extra forward passes per image, log it started from)
 RUNS = [
-    ("v1 (shipped): 50 ep", "docs/doublemask_cifar10_train_log.csv", W96, "docs/pilots/v1_k6_cert256_summary.json", 0.0, None),
+    ("v1 (doublemask_cifar10_v1): 50 ep", "docs/doublemask_cifar10_train_log.csv", W96, "docs/pilots/v1_k6_cert256_summary.json", 0.0, None),
     ("leg 2: v1 + 24 ep warm restart", "docs/doublemask_cifar10_r2_train_log.csv", W96,
      "docs/pilots/r2_cert256_summary.json", 0.0, "docs/doublemask_cifar10_train_log.csv"),
     ("pilot base: 3 ep", "docs/pilots/dm_base.csv", W96, "docs/pilots/dm_base_cert256_summary.json", 0.0, None),
@@ -37,8 +37,8 @@ RUNS = [
      "docs/pilots/dm_narrow_cert256_summary.json", 0.0, None),
     ("pilot wide: 128/512/512, 2 ep", "docs/pilots/dm_wide.csv", {"widths": [128, 512, 512], "stem": 48},
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
-    ("long run: narrow + two-mask mix (unfinished)", "docs/doublemask_cifar10_long_train_log.csv",
-     {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_e14_cert256_summary.json", 0.0, None),
+    ("long run = shipped v2: narrow + two-mask mix, 64 ep", "docs/doublemask_cifar10_long_train_log.csv",
+     {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_final_cert256_summary.json", 0.0, None),
 ]
 
 
