@@ -89,3 +89,23 @@ def test_cli_certify_uses_the_checkpoint_deployment(tmp_path, capsys):
         assert [r["defense"] for r in summary["results"]] == [
             "double-masking(k=6,bf16,channels_last)" if not extra else "double-masking(k=2,bf16,channels_last)"]
     capsys.readouterr()
+
+
+def test_shipped_doublemask_records_its_measured_deployment(shared_data):
+    """The shipped v2 carries the measurement behind its bf16 + channels_last default, and on a
+    few test images that deployment gives float32's predictions and certificates (the session-7
+    measurement: 0 of 128 differ)."""
+    from patchcert.data import load_dataset
+    from patchcert.pretrained import load_pretrained
+
+    model = load_pretrained("doublemask_cifar10")
+    dep = model.checkpoint_meta["deployment"]["double-masking"]
+    assert dep["options"] == {"bf16": True, "channels_last": True} and "0 of 128" in dep["evidence"]
+    assert "deployment" not in load_pretrained("doublemask_cifar10_v1").checkpoint_meta
+    data = load_dataset("cifar10", shared_data, train=False)
+    run = certify_dataset(model, data, defenses=["double-masking", "double-masking:bf16=false,channels_last=false"],
+                          patches=["5x5"], num_examples=4, batch_size=4, square_cap=0)
+    fast, exact = "double-masking(k=6,bf16,channels_last)", "double-masking(k=6)"
+    for r in run.records:
+        assert r.defenses[fast].pred == r.defenses[exact].pred
+        assert r.defenses[fast].certified == r.defenses[exact].certified
