@@ -36,11 +36,15 @@ def main() -> int:
     tensors, meta = load_tensors(Path(a.run) / "model.safetensors")
     meta = portable_metadata(meta)
     if a.deploy:
+        from patchcert.errors import PatchcertError
         from patchcert.specs import parse_defense_spec
 
         meta["deployment"] = {}
         for text in a.deploy:
-            spec = parse_defense_spec(text)
+            try:
+                spec = parse_defense_spec(text)
+            except PatchcertError as e:
+                p.error(f"--deploy {text!r}: {e}")
             meta["deployment"][spec.name] = {"options": dict(spec.params), "evidence": a.evidence}
     meta.update({"command": a.command, "training": a.training,
                  "data_note": "CIFAR-10 (re-encoded copy: pixels went through JPEG); not standard CIFAR-10 numbers"})

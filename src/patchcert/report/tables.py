@@ -61,13 +61,13 @@ def report_rows(runs: Sequence[CertifyRunData], attacks: Sequence[AttackRunData]
     for run in runs:
         md = run.summary.metadata
         for r in run.summary.results:
+            lo, hi = wilson_interval(r.num_certified, r.n) if r.n else (None, None)  # old summaries: no counts
             row = ReportRow(
                 run=run.name, model=md.model, data=_data_name(md.data), defense=r.defense, patch=r.patch,
                 resolved=r.resolved, n=run.summary.n, clean_accuracy=r.clean_accuracy,
                 certified_accuracy=r.certified_accuracy, certify_seconds_per_image=r.certify_seconds_per_image,
                 forward_seconds_per_image=md.forward_seconds_per_image, shapes=r.shapes,
-                certified_low=None if r.n == 0 else wilson_interval(r.num_certified, r.n)[0],
-                certified_high=None if r.n == 0 else wilson_interval(r.num_certified, r.n)[1],
+                certified_low=lo, certified_high=hi,
             )
             for ai, att in enumerate(attacks):
                 amd = att.summary["metadata"]
