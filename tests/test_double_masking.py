@@ -325,6 +325,12 @@ def test_certify_dataset_runs_double_masking_next_to_score_map_defenses(tmp_path
     rows = {(row.defense, row.patch): row for row in run.summary.results}
     assert rows[(key, "5x5")].certified_accuracy == pytest.approx(float(cert.float().mean()))
     assert len(ms) == 4
+    # the row's certify cost includes double masking's own masked passes (its real cost), not
+    # only the microseconds of reading the certificate off the table
+    ev = run.summary.metadata.defense_seconds_per_image[key]["evidence"]
+    assert ev > 0
+    for p in ("5x5", "area=12"):
+        assert rows[(key, p)].certify_seconds_per_image >= ev
 
 
 def test_certify_refuses_double_masking_on_cached_scores(tmp_path):

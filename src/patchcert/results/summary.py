@@ -28,6 +28,8 @@ class ResultRow:
     windows: list[list[int]]
     clean_accuracy: float
     certified_accuracy: float
+    # the certify step per image beyond the shared model pass; for a pixel defense (double masking)
+    # including its own masked passes over the images (shared by that defense's patch rows)
     certify_seconds_per_image: float | None
     n: int = 0
     num_correct: int = 0
