@@ -422,3 +422,57 @@ def test_decompression_bomb_is_a_one_line_data_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="big.png: refused to decode") as e:
         load_image_folder(tmp_path, size=32, resize=32)
     assert "\n" not in str(e.value)
+
+
+# -- data identity: a run resumes wherever the same images are stored --------------------------
+
+def test_cifar_content_hash_names_the_images_not_the_folder(tmp_path):
+    a = load_dataset("cifar10", data_dir=_cifar_dir(tmp_path / "a", _batch(12, seed=1)))
+    b = load_dataset("cifar10", data_dir=_cifar_dir(tmp_path / "b", _batch(12, seed=1)))
+    c = load_dataset("cifar10", data_dir=_cifar_dir(tmp_path / "c", _batch(12, seed=2)))
+    assert a.info["root"] != b.info["root"]
+    assert a.info["content_sha256"] == b.info["content_sha256"] != c.info["content_sha256"]
+    import hashlib
+    assert len(a.info["content_sha256"]) == len(hashlib.sha256().hexdigest())
+
+
+def test_same_data_rule():
+    from patchcert.rundir import config_diff, same_data
+
+    old = {"dataset": "cifar10", "split": "test", "root": "/m1/c10", "note": "n", "content_sha256": "ab"}
+    moved = dict(old, root="/m2/c10")
+    assert same_data(old, moved) and config_diff({"data": old, "k": 1}, {"data": moved, "k": 1}) == []
+    assert not same_data(old, dict(moved, content_sha256="cd"))  # other pixels, same name
+    assert not same_data(old, dict(old, split="train"))
+    legacy = {k: v for k, v in old.items() if k != "content_sha256"}  # a run made before the hash
+    assert same_data(legacy, old)  # same root: resumes
+    assert not same_data(legacy, moved)  # without a hash the root is the identity
+    assert config_diff({"data": old}, {"data": dict(moved, content_sha256="cd")}) == ["data"]
+
+
+def test_certify_run_resumes_under_another_data_root(tmp_path):
+    import shutil
+
+    from patchcert.certify import certify_dataset
+    from patchcert.errors import PatchcertError
+    from patchcert.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("bagcert_cifar", width=8)
+    first = load_dataset("cifar10", data_dir=_cifar_dir(tmp_path / "m1", _batch(12, seed=3)))
+    run = tmp_path / "run"
+    certify_dataset(m, first, num_examples=12, batch_size=4, out_dir=run, square_cap=0)
+    # interrupt: keep the first 4 records, as a run stopped after one batch
+    recs = (run / "records.jsonl").read_text().splitlines(keepends=True)
+    (run / "records.jsonl").write_text("".join(recs[:4]))
+    for f in ("summary.json", "summary.csv"):
+        (run / f).unlink(missing_ok=True)
+    shutil.copytree(tmp_path / "m1", tmp_path / "m2")  # the same files on another machine / path
+    moved = load_dataset("cifar10", data_dir=tmp_path / "m2")
+    assert moved.info["root"] != first.info["root"]
+    again = certify_dataset(m, moved, num_examples=12, batch_size=4, out_dir=run, square_cap=0, resume=True)
+    assert again.summary.n == 12
+    assert (run / "records.jsonl").read_text().splitlines(keepends=True) == recs  # the same records
+    other = load_dataset("cifar10", data_dir=_cifar_dir(tmp_path / "m3", _batch(12, seed=4)))
+    with pytest.raises(PatchcertError, match="different data"):
+        certify_dataset(m, other, num_examples=12, batch_size=4, out_dir=run, square_cap=0, resume=True)

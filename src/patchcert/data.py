@@ -20,6 +20,8 @@ augmentation for training live in :mod:`patchcert.loader`.
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import logging
 import os
@@ -266,11 +268,24 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, train: bool = False)
         if isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names):
             classes = tuple(names)
     split = "train" if train else "test"
+    images, labels = torch.cat(xs), torch.cat(ys)
     return ImageDataset(
-        torch.cat(xs), torch.cat(ys), classes, f"cifar10-{split}",
+        images, labels, classes, f"cifar10-{split}",
         {"dataset": "cifar10", "split": split, "root": str(root),
-         "note": "CIFAR-10 (re-encoded copy) if read from ../shared/data"},
+         "note": "CIFAR-10 (re-encoded copy) if read from ../shared/data",
+         "content_sha256": content_sha256(images, labels)},
     )
+
+
+def content_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 of a dataset's pixels (uint8, [N, C, H, W]) and labels (int64): its identity
+    regardless of where it is stored, so that a run made under one data root resumes under
+    another (``rundir.same_data``)."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(images.shape), str(images.dtype), tuple(labels.shape))).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # -- ImageFolder -------------------------------------------------------------------------

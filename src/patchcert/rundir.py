@@ -321,9 +321,31 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+_DATA_LOCATION = ("root", "note")  # where a dataset was read from, not what it is
+
+
+def same_data(old: Any, new: Any) -> bool:
+    """Whether two runs' ``data`` descriptions name the same images. Where both carry a
+    ``content_sha256`` (a hash of the pixels and labels), equal hashes decide it and the data
+    root may differ (a run committed on one machine resumes on another); otherwise (older runs,
+    folder datasets) every field must agree, the root included."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return old == new
+    a, b = dict(old), dict(new)
+    ha, hb = a.pop("content_sha256", None), b.pop("content_sha256", None)
+    if ha is not None and hb is not None:
+        if ha != hb:
+            return False
+        for k in _DATA_LOCATION:
+            a.pop(k, None)
+            b.pop(k, None)
+    return a == b
+
+
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
-    """Top-level keys whose values differ (sorted)."""
-    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    """Top-level keys whose values differ (sorted); ``data`` compares by :func:`same_data`."""
+    return sorted(k for k in set(old) | set(new) if k not in ignore
+                  and not (same_data(old.get(k), new.get(k)) if k == "data" else old.get(k) == new.get(k)))
 
 
 def check_resume(path: str | os.PathLike, config: Mapping[str, Any], resume: bool,
