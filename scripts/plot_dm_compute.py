@@ -6,7 +6,7 @@ For each run: the per-epoch evaluation of the training log (double masking k = 6
 64 test images spread over the first 1,000: noisy, +-6 points) as a thin line, and the run's
 final ``patchcert certify`` evaluation (``*_summary.json``: more images, the figure that counts)
 as a large marker. The x axis is training compute, 3 x 2 x forward MACs per image x images
-seen, plus the extra forward passes of greedy cutout (8 per greedy image) and of a
+seen, plus the extra forward passes of greedy cutout (2 rounds x the candidates per greedy image) and of a
 distillation teacher (1 per image); a run initialised from another model starts at that
 model's compute. The table adds the wall time on this machine's 2 cores (from the logs'
 ``epoch_seconds``; the VM's speed varied between sessions by up to 2x).
@@ -39,6 +39,9 @@ RUNS = [
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
     ("long run = shipped v2: narrow + two-mask mix, 64 ep", "docs/doublemask_cifar10_long_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_final_cert256_summary.json", 0.0, None),
+    ("greedy fine-tune: v2 + 20 ep, 1/4 greedy", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
+     {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft_cert256_summary.json", 12 * 0.25,
+     "docs/doublemask_cifar10_long_train_log.csv"),
 ]
 
 
