@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import random
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchcert.report import make_report
-from patchcert.report.stats import chi2_sf, certified_by_block, wilson_interval
+from patchcert.report.stats import chi2_sf, certified_by_block, paired_certified, sign_test_p, wilson_interval
 from patchcert.results import ExampleRecord
 from test_report import CLIP, V32, write_run
 
@@ -126,3 +128,73 @@ def test_report_shows_the_interval_and_the_blocks(tmp_path):
     assert report.count("## Certified accuracy by block") == 4  # 2 defenses x (5x5, area=6)
     small = make_report([write_run(tmp_path / "small", examples[:150])], tmp_path / "rep2", plots=False)
     assert "by block" not in (tmp_path / "rep2" / "report.md").read_text() and small.rows
+
+
+# -- paired comparisons ------------------------------------------------------------------------
+
+def _sign_test_reference(b: int, c: int) -> Fraction:
+    """Two-sided exact binomial test at 1/2 by its definition: the total probability of the
+    outcomes no more likely than the observed one (for p = 1/2 this is the doubled tail)."""
+    n = b + c
+    pmf = [Fraction(math.comb(n, i), 2 ** n) for i in range(n + 1)]
+    return min(Fraction(1), sum(q for q in pmf if q <= pmf[b]))
+
+
+@given(b=st.integers(0, 200), c=st.integers(0, 200))
+@settings(max_examples=300, deadline=None)
+def test_sign_test_matches_its_definition(b, c):
+    p = sign_test_p(b, c)
+    assert p == float(_sign_test_reference(b, c)) and p == sign_test_p(c, b)
+
+
+def test_sign_test_known_values():
+    assert sign_test_p(0, 5) == 0.0625 and sign_test_p(0, 0) == 1.0 and sign_test_p(7, 7) == 1.0
+    assert sign_test_p(17, 19) == pytest.approx(0.8679, abs=1e-4)  # v2 against v1 on 256 images
+    assert sign_test_p(34, 13) == pytest.approx(0.0030877, abs=1e-7)  # the narrow pilot against the base: 2 sum_{i<=13} C(47,i) / 2^47
+    p = sign_test_p(4000, 4300)  # 8,300 discordant images: no underflow, close to the normal approximation
+    z = 300 / math.sqrt(8300)
+    assert 0 < p < 0.01 and p == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.05)
+    with pytest.raises(ValueError):
+        sign_test_p(-1, 3)
+
+
+def test_paired_certified_pairs_by_index():
+    rng = random.Random(3)
+    a = [rng.random() < 0.5 for _ in range(300)]
+    b = [rng.random() < 0.6 for _ in range(300)]
+    ra, rb = _records(a, key="x"), _records(b, key="y")
+    rb = rb[50:]  # B holds fewer examples: only the common ones count
+    rng.shuffle(rb)
+    c = paired_certified(ra, "x", rb, "y", "5x5", a="A", b="B")
+    pairs = list(zip(a[50:], b[50:]))
+    assert c.n == 250 and c.both == sum(x and y for x, y in pairs) and c.neither == sum(not x and not y for x, y in pairs)
+    assert c.only_a == sum(x and not y for x, y in pairs) and c.only_b == sum(y and not x for x, y in pairs)
+    assert c.p_value == sign_test_p(c.only_a, c.only_b)
+    assert c.certified_a == pytest.approx(sum(a[50:]) / 250) and c.certified_b == pytest.approx(sum(b[50:]) / 250)
+    assert paired_certified(ra, "x", rb, "y", "7x7").n == 0  # no such patch
+
+
+def test_report_compares_arms_on_the_same_examples(tmp_path):
+    rng = random.Random(2)
+    ex_a, ex_b = [], []
+    shapes = {s: False for s in ("1x6", "2x3", "3x2", "6x1")}
+    for i in range(120):
+        ex_a.append((i, 1, {V32: (1, rng.random() < 0.3, False, 5, shapes), CLIP: (1, False, False, 3, shapes)}))
+        ex_b.append((i, 1, {V32: (1, rng.random() < 0.7, False, 5, shapes), CLIP: (1, False, False, 3, shapes)}))
+    ra, rb = write_run(tmp_path / "a", ex_a), write_run(tmp_path / "b", ex_b[40:])
+    make_report([ra, rb], tmp_path / "rep", plots=False)
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Paired comparisons" in report
+    only_a = sum(x[2][V32][1] and not y[2][V32][1] for x, y in zip(ex_a[40:], ex_b[40:]))
+    only_b = sum(y[2][V32][1] and not x[2][V32][1] for x, y in zip(ex_a[40:], ex_b[40:]))
+    line = next(ln for ln in report.splitlines() if ln.startswith(f"| a: {V32} | b: {V32} | 5x5 | 80 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert (int(cells[7]), int(cells[8])) == (only_a, only_b) and float(cells[9]) == pytest.approx(
+        sign_test_p(only_a, only_b), rel=1e-2)
+    # runs on other images are not paired
+    summ = tmp_path / "b" / "summary.json"
+    d = json.loads(summ.read_text())
+    d["metadata"]["data"]["name"] = "cifar10-test"
+    summ.write_text(json.dumps(d))
+    make_report([ra, rb], tmp_path / "rep2", plots=False)
+    assert f"| a: {V32} | b: {V32} |" not in (tmp_path / "rep2" / "report.md").read_text()

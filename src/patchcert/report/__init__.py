@@ -10,7 +10,9 @@ Inputs are run directories written by ``patchcert certify --out RUN`` (``records
   seconds per image;
 * ``report.md`` also tabulates, for runs of at least 200 examples, the certified accuracy over
   consecutive blocks of the examples with a chi-square test that the blocks agree within noise
-  (:mod:`patchcert.report.stats`);
+  (:mod:`patchcert.report.stats`), and, where two or more run x defense arms share examples and
+  a patch, the paired comparison of their certificates on the shared examples (only A / only
+  B, McNemar's exact test): the fair comparison of two defenses or models on the same images;
 * ``certified_vs_square_patch.png`` -- certified accuracy against an s x s patch as a
   function of s, from the records' ``largest_square`` (BagCert Fig. 3);
 * ``certified_vs_aspect_ratio.png`` -- certified accuracy against rectangles of one area as a
@@ -49,7 +51,7 @@ from .plots import (
     plot_square_sizes,
     square_curve,
 )
-from .stats import BlockTest, certified_by_block, wilson_interval
+from .stats import BlockTest, PairedComparison, certified_by_block, paired_certified, sign_test_p, wilson_interval
 from .tables import CSV_FIELDS, ReportRow, report_rows, rows_to_csv, rows_to_markdown
 from .disagreement import plot_disagreement
 from .vulnerability import plot_vulnerability, region_scores, scoremap_rows
@@ -80,6 +82,10 @@ __all__ = [
     "wilson_interval",
     "certified_by_block",
     "BlockTest",
+    "paired_certified",
+    "PairedComparison",
+    "sign_test_p",
+    "paired_comparisons",
     "make_report",
 ]
 
@@ -111,6 +117,51 @@ def _block_sections(runs: Sequence[CertifyRunData], per_block: int = 100, max_bl
                 lines.append(f"| {b.first}-{b.last} | {b.n} | {100 * b.accuracy:.2f}% | {100 * blo:.1f}-{100 * bhi:.1f}% |")
             lines.append("")
     return lines
+
+
+def _same_images(a: CertifyRunData, b: CertifyRunData) -> bool:
+    """Whether two runs' example indices name the same images (same dataset and split; the same
+    pixels where both runs carry a content hash)."""
+    da, db = a.summary.metadata.data or {}, b.summary.metadata.data or {}
+    if (da.get("name") or da.get("dataset")) != (db.get("name") or db.get("dataset")):
+        return False
+    ha, hb = da.get("content_sha256"), db.get("content_sha256")
+    return ha is None or hb is None or ha == hb
+
+
+def paired_comparisons(runs: Sequence[CertifyRunData], min_common: int = 20,
+                       max_pairs: int = 45) -> list[PairedComparison]:
+    """Every pair of run x defense arms with a patch in common, on the examples both hold (at
+    least ``min_common``), at most ``max_pairs`` (in run and defense order)."""
+    arms = [(run, r.defense, r.patch) for run in runs for r in run.summary.results]
+    out: list[PairedComparison] = []
+    multi = len(runs) > 1
+    for i, (ra, da, pa) in enumerate(arms):
+        for rb, db, pb in arms[i + 1:]:
+            if pa != pb or (ra is rb and da == db) or not _same_images(ra, rb):
+                continue
+            c = paired_certified(ra.records, da, rb.records, db, pa,
+                                 a=f"{ra.name}: {da}" if multi else da, b=f"{rb.name}: {db}" if multi else db)
+            if c.n >= min_common:
+                out.append(c)
+            if len(out) == max_pairs:
+                return out
+    return out
+
+
+def _paired_section(runs: Sequence[CertifyRunData]) -> list[str]:
+    pairs = paired_comparisons(runs)
+    if not pairs:
+        return []
+    lines = ["## Paired comparisons (certified, on the examples both arms hold)", "",
+             "Only the examples certified by one arm and not the other tell two arms apart; p is McNemar's "
+             "exact test on them (two-sided sign test). At most 45 pairs are listed.", "",
+             "| A | B | patch | n | certified A | certified B | both | only A | only B | p |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in pairs:
+        lines.append(f"| {c.a} | {c.b} | {c.patch} | {c.n} | {100 * c.certified_a:.2f}% | {100 * c.certified_b:.2f}% "
+                     f"| {c.both} | {c.only_a} | {c.only_b} | {c.p_value:.3g} |")
+    return lines + [""]
 
 
 @dataclass
@@ -193,6 +244,7 @@ def make_report(
         lines.append("Attack runs: " + ", ".join(f"`{a.path}`" for a in att))
     lines += ["", "Accuracies over the run's examples; certified = a lower bound on robust accuracy, robust (attack) "
               "= accuracy under the heuristic patch attack, an upper bound.", "", md_table]
+    lines += _paired_section(loaded)
     lines += _block_sections(loaded)
     for r in loaded:  # images that could not be decoded (certify --skip-bad-images): in no count
         sk = r.summary.metadata.skipped
