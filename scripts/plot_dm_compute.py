@@ -37,9 +37,9 @@ RUNS = [
      "docs/pilots/dm_narrow_cert256_summary.json", 0.0, None),
     ("pilot wide: 128/512/512, 2 ep", "docs/pilots/dm_wide.csv", {"widths": [128, 512, 512], "stem": 48},
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
-    ("long run = shipped v2: narrow + two-mask mix, 64 ep", "docs/doublemask_cifar10_long_train_log.csv",
+    ("long run = v2 (doublemask_cifar10_v2): narrow + two-mask mix, 64 ep", "docs/doublemask_cifar10_long_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_final_cert256_summary.json", 0.0, None),
-    ("greedy fine-tune: v2 + 20 ep, 1/4 greedy", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
+    ("shipped v3 = v2 + 20-ep Greedy Cutout fine-tune (1/4 greedy)", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft_cert256_summary.json", 12 * 0.25,
      "docs/doublemask_cifar10_long_train_log.csv"),
 ]
