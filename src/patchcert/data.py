@@ -21,7 +21,6 @@ augmentation for training live in :mod:`patchcert.loader`.
 from __future__ import annotations
 
 import hashlib
-
 import io
 import logging
 import os

@@ -52,7 +52,7 @@ from .plots import (
     square_curve,
 )
 from .stats import BlockTest, PairedComparison, certified_by_block, paired_certified, sign_test_p, wilson_interval
-from .tables import CSV_FIELDS, ReportRow, report_rows, rows_to_csv, rows_to_markdown
+from .tables import CSV_FIELDS, ReportRow, _data_name, report_rows, rows_to_csv, rows_to_markdown
 from .disagreement import plot_disagreement
 from .vulnerability import plot_vulnerability, region_scores, scoremap_rows
 
@@ -123,7 +123,7 @@ def _same_images(a: CertifyRunData, b: CertifyRunData) -> bool:
     """Whether two runs' example indices name the same images (same dataset and split; the same
     pixels where both runs carry a content hash)."""
     da, db = a.summary.metadata.data or {}, b.summary.metadata.data or {}
-    if (da.get("name") or da.get("dataset")) != (db.get("name") or db.get("dataset")):
+    if _data_name(da) != _data_name(db):
         return False
     ha, hb = da.get("content_sha256"), db.get("content_sha256")
     return ha is None or hb is None or ha == hb
