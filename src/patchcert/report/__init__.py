@@ -20,6 +20,10 @@ Inputs are run directories written by ``patchcert certify --out RUN`` (``records
   certificates in the records) or from explicit rectangles ``--patch 1x24 --patch 2x12 ...``;
 * ``clean_vs_certified.png`` -- clean vs certified accuracy across runs and defenses (Fig. 2);
 * ``accuracy_bounds.png`` -- clean / robust (attack, upper bound) / certified (lower bound);
+* ``mask_failures_<run>.png`` -- pixel defenses (double masking), over the whole run: where the
+  single masks that break correct predictions lie; the split of the uncertified images into
+  one-mask and pair-only failures and the masks that fail most often are in
+  ``report.md`` (:mod:`patchcert.report.failures`);
 * ``masks_<run>_<index>.png`` -- pixel defenses (double masking): the image with the first
   mask pair that disagrees with the label, and how many disagreeing one-mask predictions cover
   each pixel, straight from the records (no score file, no model);
@@ -54,6 +58,7 @@ from .plots import (
 from .stats import BlockTest, PairedComparison, certified_by_block, paired_certified, sign_test_p, wilson_interval
 from .tables import CSV_FIELDS, ReportRow, _data_name, report_rows, rows_to_csv, rows_to_markdown
 from .disagreement import plot_disagreement
+from .failures import MaskFailures, failure_sections, mask_failures, plot_mask_failures
 from .vulnerability import plot_vulnerability, region_scores, scoremap_rows
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,9 @@ __all__ = [
     "plot_attack_example",
     "plot_vulnerability",
     "plot_disagreement",
+    "plot_mask_failures",
+    "mask_failures",
+    "MaskFailures",
     "region_scores",
     "wilson_interval",
     "certified_by_block",
@@ -227,6 +235,9 @@ def make_report(
                 images.append((title, out / fname))
             else:
                 res.skipped.append(f"{fname}: {why}")
+        for run in loaded:
+            for p in plot_mask_failures(run, out):
+                images.append((f"Where masks break predictions: {run.name}", p))
     if examples:
         for run in loaded:
             for p in plot_disagreement(run, list(examples), out, patch=map_patch, data_dir=data_dir):
@@ -246,6 +257,7 @@ def make_report(
               "= accuracy under the heuristic patch attack, an upper bound.", "", md_table]
     lines += _paired_section(loaded)
     lines += _block_sections(loaded)
+    lines += failure_sections(loaded)
     for r in loaded:  # images that could not be decoded (certify --skip-bad-images): in no count
         sk = r.summary.metadata.skipped
         if sk:
