@@ -8,7 +8,7 @@ final ``patchcert certify`` evaluation (``*_summary.json``: more images, the fig
 as a large marker. The x axis is training compute, 3 x 2 x forward MACs per image x images
 seen, plus the extra forward passes of greedy cutout (2 rounds x the candidates per greedy image) and of a
 distillation teacher (1 per image); a run initialised from another model starts at that
-model's compute. The table adds the wall time on this machine's 2 cores (from the logs'
+model's compute (the whole chain: a second fine-tune starts at the first one's end). The table adds the wall time on this machine's 2 cores (from the logs'
 ``epoch_seconds``; the VM's speed varied between sessions by up to 2x).
 """
 
@@ -42,6 +42,9 @@ RUNS = [
     ("shipped v3 = v2 + 20-ep Greedy Cutout fine-tune (1/4 greedy)", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft_cert256_summary.json", 12 * 0.25,
      "docs/doublemask_cifar10_long_train_log.csv"),
+    ("v3 + 12-ep Greedy Cutout round 2 (1/2 greedy)", "docs/doublemask_cifar10_greedy_ft2_train_log.csv",
+     {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft2_cert256_summary.json", 12 * 0.5,
+     "docs/doublemask_cifar10_greedy_ft_train_log.csv"),
 ]
 
 
@@ -63,6 +66,7 @@ def main() -> int:
     ax = fig.subplots()
     lines = ["| run | epochs | wall time (min) | training compute (PFLOP) | per-epoch eval (64 imgs) | "
              "final eval: images | clean | certified 5x5 |", "|---|---|---|---|---|---|---|---|"]
+    totals: dict[str, tuple[float, float]] = {}  # log -> (wall minutes, PFLOP) at its end, from scratch
     for label, log, cfg, summ, extra, init in RUNS:
         p = ROOT / log
         if not p.exists():
@@ -70,8 +74,7 @@ def main() -> int:
         rows = read(p)
         macs = forward_macs("fastnet_cifar", cfg)
         flop_img = (6 + 2 * extra) * macs  # forward + backward = 3 forwards, 2 FLOPs per MAC
-        t0 = sum(r.get("epoch_seconds", 0.0) for r in read(ROOT / init)) / 60 if init else 0.0
-        f0 = len(read(ROOT / init)) * TRAIN_IMAGES * 6 * macs / 1e15 if init else 0.0
+        t0, f0 = totals.get(init, (0.0, 0.0))  # a fine-tune starts where its initial model's runs ended
         t, x, acc = [], [], []  # acc: (compute, certified %, epoch) of the evaluated epochs (eval_every)
         for r in rows:
             t0 += r.get("epoch_seconds", 0.0) / 60
@@ -80,6 +83,7 @@ def main() -> int:
             if "eval_cert_acc" in r:
                 acc.append((x[-1], 100 * r["eval_cert_acc"], int(r["epoch"])))
         flops = x[-1]
+        totals[log] = (t[-1], flops)
         real = any(v > 0 for _, v, _ in acc)  # v1's log predates double-masking evaluation in training (all 0)
         color = None
         if real:
