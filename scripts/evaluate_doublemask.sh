@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's evaluation of the shipped doublemask_cifar10 (v3 since session 8; v2 is doublemask_cifar10_v2) on CIFAR-10 (re-encoded copy). Writes runs/dm-*/.
+# Issue 18's evaluation of the shipped doublemask_cifar10 (v4 since session 9; v3 is doublemask_cifar10_v3, v2 doublemask_cifar10_v2) on CIFAR-10 (re-encoded copy). Writes runs/dm-*/
 # Every step is resumable: rerun the script after an interruption (certify/attack --resume continue their folders).
 set -euo pipefail
 export PATCHCERT_DATA="${PATCHCERT_DATA:-../shared/data}"

@@ -39,10 +39,10 @@ RUNS = [
      "docs/pilots/dm_wide_cert256_summary.json", 0.0, None),
     ("long run = v2 (doublemask_cifar10_v2): narrow + two-mask mix, 64 ep", "docs/doublemask_cifar10_long_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/long_final_cert256_summary.json", 0.0, None),
-    ("shipped v3 = v2 + 20-ep Greedy Cutout fine-tune (1/4 greedy)", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
+    ("v3 = v2 + 20-ep Greedy Cutout fine-tune (1/4 greedy)", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft_cert256_summary.json", 12 * 0.25,
      "docs/doublemask_cifar10_long_train_log.csv"),
-    ("v3 + 12-ep Greedy Cutout round 2 (1/2 greedy)", "docs/doublemask_cifar10_greedy_ft2_train_log.csv",
+    ("shipped v4 = v3 + 12-ep Greedy Cutout round 2 (1/2 greedy)", "docs/doublemask_cifar10_greedy_ft2_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft2_cert256_summary.json", 12 * 0.5,
      "docs/doublemask_cifar10_greedy_ft_train_log.csv"),
 ]

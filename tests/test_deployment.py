@@ -92,9 +92,9 @@ def test_cli_certify_uses_the_checkpoint_deployment(tmp_path, capsys):
 
 
 def test_shipped_doublemask_records_its_measured_deployment(shared_data):
-    """The shipped model (v3) carries the measurement behind its bf16 + channels_last default, and
+    """The shipped model (v4) carries the measurement behind its bf16 + channels_last default, and
     on a few test images that deployment gives float32's predictions and certificates (the
-    session-8 measurement: 0 of 128 differ); v2 keeps its own measurement, v1 none."""
+    session-9 measurement: 0 of 128 differ); v3 and v2 keep their own measurements, v1 none."""
     from patchcert.data import load_dataset
     from patchcert.pretrained import load_pretrained
 
@@ -102,8 +102,11 @@ def test_shipped_doublemask_records_its_measured_deployment(shared_data):
     dep = model.checkpoint_meta["deployment"]["double-masking"]
     assert dep["options"] == {"bf16": True, "channels_last": True} and "0 of 128" in dep["evidence"]
     assert "deployment" not in load_pretrained("doublemask_cifar10_v1").checkpoint_meta
+    assert "session 9" in dep["evidence"] and "greedy_ft2_agree128" in dep["evidence"]
+    v3 = load_pretrained("doublemask_cifar10_v3").checkpoint_meta["deployment"]["double-masking"]
+    assert v3["options"] == dep["options"] and "session 8" in v3["evidence"] and "session 9" not in v3["evidence"]
     v2 = load_pretrained("doublemask_cifar10_v2").checkpoint_meta["deployment"]["double-masking"]
-    assert v2["options"] == dep["options"] and "session 8" not in v2["evidence"] and "session 8" in dep["evidence"]
+    assert v2["options"] == dep["options"] and "session 8" not in v2["evidence"] and "session 9" not in v2["evidence"]
     data = load_dataset("cifar10", shared_data, train=False)
     run = certify_dataset(model, data, defenses=["double-masking", "double-masking:bf16=false,channels_last=false"],
                           patches=["5x5"], num_examples=4, batch_size=4, square_cap=0)
