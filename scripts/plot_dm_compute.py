@@ -8,8 +8,9 @@ final ``patchcert certify`` evaluation (``*_summary.json``: more images, the fig
 as a large marker. The x axis is training compute, 3 x 2 x forward MACs per image x images
 seen, plus the extra forward passes of greedy cutout (2 rounds x the candidates per greedy image) and of a
 distillation teacher (1 per image); a run initialised from another model starts at that
-model's compute (the whole chain: a second fine-tune starts at the first one's end). The table adds the wall time on this machine's 2 cores (from the logs'
-``epoch_seconds``; the VM's speed varied between sessions by up to 2x).
+model's compute (the whole chain: a second fine-tune starts at the first one's end). The table
+adds the wall time on this machine's 2 cores (from the logs' ``epoch_seconds``; the VM's speed
+varied between sessions by up to 2x).
 """
 
 from __future__ import annotations

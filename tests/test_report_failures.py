@@ -58,11 +58,11 @@ def test_mask_failures_counts_each_kind(run_dir):
     assert dict(f.disagree) == {1: 1, 3: 2}  # the misclassified image's masks are not counted
     assert dict(f.first_pair) == {0: 1, 2: 1}
     assert mask_failures(run.records, KEY, "7x7").n == 0  # another patch: nothing
-    # a score-map defense carries no mask pair: not tallied
-    unc = [r for r in run.records if not r.defenses["voting(sign,3.2)"].certified["5x5"]
-           and r.defenses["voting(sign,3.2)"].correct]
-    if unc:
-        assert mask_failures(run.records, "voting(sign,3.2)", "5x5") is None
+    # a score-map defense carries no mask pair: not tallied (one of its records made correct and uncertified)
+    vote = run.records[0].defenses["voting(sign,3.2)"]
+    vote.correct, vote.certified["5x5"] = True, False
+    assert not isinstance(vote.worst.get("5x5"), MaskPairCase)
+    assert mask_failures(run.records, "voting(sign,3.2)", "5x5") is None
 
 
 def test_failure_section_and_map(run_dir, tmp_path):

@@ -35,7 +35,8 @@ class MaskFailures:
     ``pair_only``: correct, uncertified, every one-mask prediction agrees (only a pair fails).
     ``disagree[m]``: correct, uncertified examples whose one-mask prediction under mask ``m``
     disagrees; ``first_pair[m]``: pair-only failures whose first failing pair (in the
-    certificate's order, so biased towards low indices) contains ``m`` (once if ``(m, m)``)."""
+    certificate's order, so biased towards low indices) contains ``m`` (once if ``(m, m)``);
+    ``one_mask_sets``: per one-mask failure, its disagreeing masks (for the map)."""
 
     defense: str
     patch: str
@@ -46,6 +47,7 @@ class MaskFailures:
     pair_only: int = 0
     disagree: Counter = field(default_factory=Counter)
     first_pair: Counter = field(default_factory=Counter)
+    one_mask_sets: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def uncertified_correct(self) -> int:
@@ -74,6 +76,7 @@ def mask_failures(records: Sequence[Any], defense: str, patch: str) -> MaskFailu
         if w.first_round:
             out.one_mask += 1
             out.disagree.update(set(w.disagree))
+            out.one_mask_sets.append(tuple(sorted(set(w.disagree))))
         else:
             out.pair_only += 1
             out.first_pair.update(set(w.pair))
@@ -149,15 +152,12 @@ def plot_mask_failures(run: CertifyRunData, out_dir: str | os.PathLike) -> list[
     fig = _figure((4.8 * len(tallies), 4.4))
     axes = fig.subplots(1, len(tallies), squeeze=False)[0]
     for (f, d), ax in zip(tallies, axes):
-        masks = d.masks.boolean().double()  # [M, H, W]
-        heat = torch.zeros(masks.shape[1:], dtype=torch.float64)
-        for r in run.records:
-            o = r.defenses.get(f.defense)
-            w = None if o is None else o.worst.get(f.patch)
-            if (o is None or o.certified.get(f.patch, True) or not o.correct or not isinstance(w, MaskPairCase)
-                    or not w.first_round or not w.disagree):
-                continue
-            heat.add_(masks[list(w.disagree)].amax(0))
+        masks = d.masks.boolean()  # [M, H, W]
+        chosen = torch.zeros(len(f.one_mask_sets), masks.shape[0], dtype=torch.float64)  # [failures, M]
+        for i, ms in enumerate(f.one_mask_sets):
+            chosen[i, list(ms)] = 1.0
+        # per failure, the union of its disagreeing masks; summed over failures
+        heat = ((chosen @ masks.flatten(1).double()) > 0).double().sum(0).view(masks.shape[1:])
         im = ax.imshow((100 * heat / f.one_mask).numpy(), cmap="magma", interpolation="nearest", vmin=0)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the one-mask failures")
         ax.set_title(f"{f.defense}, {f.patch}\n{f.one_mask} of {f.n} images fail under one mask", fontsize=9)
