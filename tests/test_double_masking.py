@@ -28,7 +28,7 @@ from patchcert.defenses.double_masking import (
     union_mask_set,
 )
 from patchcert.errors import PatchcertError
-from patchcert.masks import apply_masks, axis_masks, mask_set, random_masks
+from patchcert.masks import apply_masks, axis_masks, centre_weights, mask_set, random_masks
 from reference_pixels import ExactNet, literal_predict, literal_table, table_predict_ref
 
 # -- references ------------------------------------------------------------------------------
@@ -132,6 +132,57 @@ def test_random_masks_follow_the_set():
             assert any(torch.equal(row, table[i] | table[j]) for i in range(len(ms)) for j in range(len(ms)))
     with pytest.raises(PatchcertError):
         random_masks(ms, 4, (0.5, 0.6, 0.1), g)
+
+
+def test_uniform_random_masks_are_unchanged_by_the_weights_option():
+    """Runs made before ``weights`` existed draw the same masks (same generator calls)."""
+    ms = mask_set((16, 16), (3, 3), 4)
+    g = torch.Generator().manual_seed(7)
+    m = random_masks(ms, 64, (0.2, 0.3, 0.5), torch.Generator().manual_seed(7))
+    p = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    count = torch.multinomial(p, 64, replacement=True, generator=g)
+    a = torch.randint(0, len(ms), (64,), generator=g)
+    b = torch.randint(0, len(ms), (64,), generator=g)
+    t = ms.boolean()
+    want = (t[a] & (count >= 1)[:, None, None]) | (t[b] & (count >= 2)[:, None, None])
+    assert torch.equal(m, want)
+
+
+def test_centre_weights_by_distance_from_the_centre():
+    ms = mask_set((32, 32), (5, 5), 6)  # 6 x 6 masks of 9x9, starts 0, 5, 10, 15, 20, 23 on each axis
+    w = centre_weights(ms, 2.0).view(6, 6)
+    d = torch.tensor([4.5, 9.5, 14.5, 19.5, 24.5, 27.5], dtype=torch.float64) - 16  # centres - image centre
+    dist = (d[:, None] ** 2 + d[None, :] ** 2).sqrt()
+    assert torch.allclose(w, 1 + (1 - dist / dist.max()))
+    assert torch.equal(centre_weights(ms, 1.0), torch.ones(36, dtype=torch.float64))
+    assert float(w.min()) == 1.0 and w[0, 0] == w[0, 5] == w[5, 0] == w[5, 5] == 1.0  # the corners are farthest
+    assert torch.equal(w, w.T) and float(w[2, 2]) == float(w.max()) > w[3, 3] > w[1, 1] > w[0, 0]
+    # a mask centred exactly on the image weighs c
+    odd = mask_set((12, 12), (4, 4), 3)  # masks at 0, 3, 6 of extent 6: the middle one is centred
+    assert float(centre_weights(odd, 3.0).view(3, 3)[1, 1]) == 3.0
+    assert float(centre_weights(odd, 0.5).view(3, 3)[1, 1]) == 0.5  # c < 1 favours the border
+    assert torch.equal(centre_weights(mask_set((8, 8), (8, 8), 2), 5.0), torch.ones(1, dtype=torch.float64))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(PatchcertError, match="centre weight"):
+            centre_weights(ms, bad)
+
+
+def test_weighted_random_masks_follow_the_weights():
+    ms = mask_set((16, 16), (3, 3), 4)  # 16 masks
+    t = ms.boolean()
+    w = torch.zeros(16, dtype=torch.float64)
+    w[5], w[10] = 1.0, 3.0
+    m = random_masks(ms, 4000, (0.0, 1.0, 0.0), torch.Generator().manual_seed(0), weights=w)
+    hit = torch.stack([(m == t[i]).all((1, 2)) for i in range(16)], 1)  # [n, 16]
+    assert bool((hit.sum(1) == 1).all())  # every image shows exactly one mask of the set
+    freq = hit.sum(0)
+    assert int(freq.sum() - freq[5] - freq[10]) == 0  # zero weight: never drawn
+    assert abs(int(freq[10]) / 4000 - 0.75) < 0.03  # 3 : 1 (binomial sd 0.007)
+    two = random_masks(ms, 200, (0.0, 0.0, 1.0), torch.Generator().manual_seed(1), weights=w)
+    assert all(any(torch.equal(r, t[i] | t[j]) for i in (5, 10) for j in (5, 10)) for r in two)
+    for bad in (torch.zeros(16), torch.ones(15), -torch.ones(16), torch.full((16,), float("nan"))):
+        with pytest.raises(PatchcertError, match="mask weights"):
+            random_masks(ms, 4, (0.0, 1.0, 0.0), weights=bad)
 
 
 # -- table, prediction, certificate vs the literal reference ---------------------------------

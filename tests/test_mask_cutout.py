@@ -9,7 +9,7 @@ import torch
 
 from patchcert.models import load_model
 from patchcert.errors import PatchcertError
-from patchcert.masks import mask_set
+from patchcert.masks import centre_weights, mask_set
 from patchcert.models import create_model
 from patchcert.train import TrainConfig, train
 from patchcert.train.objectives import create_objective
@@ -45,8 +45,30 @@ def test_mask_cutout_occludes_with_masks_of_the_set():
     assert d["masks_per_shape"] == [36] and d["probs"] == [0.0, 0.0, 1.0]
 
 
+def test_mask_cutout_centre_weight_favours_the_central_masks():
+    model = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4)
+    uni = create_objective("mask_cutout", model, (32, 32), patch="5x5", k=6, probs=[0.0, 1.0, 0.0])
+    cen = create_objective("mask_cutout", model, (32, 32), patch="5x5", k=6, probs=[0.0, 1.0, 0.0],
+                           centre_weight=3.0)
+    assert "centre_weight" not in uni.describe() and cen.describe()["centre_weight"] == 3.0
+    table = mask_set((32, 32), (5, 5), 6).boolean()
+    central = [14, 15, 20, 21]  # rows/columns 2 and 3 of the 6 x 6 set
+    x = torch.full((2000, 3, 32, 32), 0.9)
+
+    def share(obj):
+        filled = (obj.prepare(x.clone(), torch.Generator().manual_seed(0)) == 0.5).all(1)
+        idx = torch.stack([(filled == table[i]).all((1, 2)) for i in range(36)], 1).float().argmax(1)
+        return float(torch.isin(idx, torch.tensor(central)).float().mean())
+
+    # uniform: 4/36 = 0.11; centre weight 3: the four central masks weigh 3 - 2 d/d_max each
+    w = centre_weights(mask_set((32, 32), (5, 5), 6), 3.0)
+    want = float(w[central].sum() / w.sum())
+    assert abs(share(uni) - 4 / 36) < 0.03 and abs(share(cen) - want) < 0.03 and want > 0.15
+
+
 @pytest.mark.parametrize("bad", [{"k": 0}, {"probs": [0.5, 0.5]}, {"probs": [0.5, 0.6, 0.1]}, {"fill": 2},
-                                 {"label_smoothing": 1.0}, {"patch": "40x40"}, {"patch": "5y5"}, {"nope": 1}])
+                                 {"label_smoothing": 1.0}, {"patch": "40x40"}, {"patch": "5y5"}, {"nope": 1},
+                                 {"centre_weight": 0}, {"centre_weight": "2"}, {"centre_weight": float("nan")}])
 def test_mask_cutout_bad_options(bad):
     model = create_model("fastnet_cifar", widths=[4, 4, 4], stem=4)
     with pytest.raises(PatchcertError):
@@ -65,11 +87,12 @@ def _resumes_bit_identically(tmp_path: Path, base: dict):
     return a
 
 
-@pytest.mark.parametrize("greedy", [0.0, 0.5])
-def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path, greedy):
+@pytest.mark.parametrize("greedy,centre", [(0.0, 1.0), (0.5, 1.0), (0.0, 2.5)])
+def test_mask_cutout_training_resumes_bit_identically(tmp_path: Path, greedy, centre):
     base = dict(model="fastnet_cifar", model_cfg={"widths": [4, 4, 4], "stem": 4}, dataset="synthetic",
                 objective="mask_cutout", objective_cfg={"patch": "3x3", "k": 3, "label_smoothing": 0.1,
-                                                        "greedy_fraction": greedy, "greedy_candidates": 3},
+                                                        "greedy_fraction": greedy, "greedy_candidates": 3,
+                                                        "centre_weight": centre},
                 epochs=2, batch_size=16, optimizer="sgd", lr=0.05, nesterov=True, warmup_epochs=0.5,
                 eval_examples=16, seed=3, num_threads=1)
     a = _resumes_bit_identically(tmp_path, base)

@@ -22,7 +22,7 @@ import torch
 
 from .errors import PatchcertError
 
-__all__ = ["MaskSet", "axis_masks", "mask_set", "apply_masks", "random_masks"]
+__all__ = ["MaskSet", "axis_masks", "mask_set", "apply_masks", "random_masks", "centre_weights"]
 
 
 def axis_masks(n: int, p: int, k: int) -> list[tuple[int, int]]:
@@ -93,18 +93,50 @@ def apply_masks(x: torch.Tensor, masks: torch.Tensor, fill: float | torch.Tensor
     return torch.where(masks[:, None].to(x.device), fill_t, x)
 
 
-def random_masks(ms: MaskSet, n: int, probs: Sequence[float], generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[n, H, W]`` bool: per image, the union of 0, 1 or 2 masks drawn uniformly from ``ms``.
+def centre_weights(ms: MaskSet, centre_weight: float) -> torch.Tensor:
+    """``[M]`` float64 sampling weights that favour the masks near the image centre.
+
+    Mask ``i`` gets ``1 + (c - 1) * (1 - d_i / d_max)``, where ``d_i`` is the distance of its
+    centre from the image centre and ``d_max`` the largest such distance in the set: the
+    farthest masks weigh 1, a mask centred on the image ``c``. ``c = 1`` is uniform; ``c < 1``
+    favours the border. (Double masking's one-mask failures concentrate on the central masks,
+    where the objects are: see ``patchcert report``'s failure map.)
+    """
+    c = float(centre_weight)
+    if not math.isfinite(c) or c <= 0:
+        raise PatchcertError(f"centre weight must be a positive number, got {centre_weight!r}")
+    h, w = ms.image_size
+    d = torch.tensor([math.hypot(t + mh / 2 - h / 2, l + mw / 2 - w / 2) for (t, l, mh, mw) in ms.rects],
+                     dtype=torch.float64)
+    dmax = float(d.max())
+    if dmax == 0:  # one mask, or all masks centred: nothing to favour
+        return torch.ones(len(ms), dtype=torch.float64)
+    return 1 + (c - 1) * (1 - d / dmax)
+
+
+def random_masks(ms: MaskSet, n: int, probs: Sequence[float], generator: torch.Generator | None = None,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n, H, W]`` bool: per image, the union of 0, 1 or 2 masks drawn from ``ms``.
 
     ``probs = (p0, p1, p2)`` are the probabilities of 0, 1 and 2 masks (the two masks are
-    drawn independently and may coincide, as in the certificate's pairs).
+    drawn independently and may coincide, as in the certificate's pairs). Masks are drawn
+    uniformly, or in proportion to ``weights`` (``[M]``, non-negative, not all zero; e.g.
+    :func:`centre_weights`). The uniform draw is unchanged by the option (same generator
+    calls), so runs made before it reproduce exactly.
     """
     p = torch.tensor([float(v) for v in probs], dtype=torch.float64)
     if p.numel() != 3 or (p < 0).any() or abs(float(p.sum()) - 1.0) > 1e-9:
         raise PatchcertError(f"mask probabilities must be three non-negative numbers summing to 1, got {list(probs)}")
     table = ms.boolean()  # [M, H, W]
     count = torch.multinomial(p, n, replacement=True, generator=generator)  # [n] in {0, 1, 2}
-    a = torch.randint(0, len(ms), (n,), generator=generator)
-    b = torch.randint(0, len(ms), (n,), generator=generator)
+    if weights is None:
+        a = torch.randint(0, len(ms), (n,), generator=generator)
+        b = torch.randint(0, len(ms), (n,), generator=generator)
+    else:
+        wt = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        if wt.numel() != len(ms) or not bool(torch.isfinite(wt).all()) or bool((wt < 0).any()) or not float(wt.sum()) > 0:
+            raise PatchcertError(f"mask weights must be {len(ms)} finite non-negative numbers, not all zero")
+        a = torch.multinomial(wt, n, replacement=True, generator=generator)
+        b = torch.multinomial(wt, n, replacement=True, generator=generator)
     out = (table[a] & (count >= 1)[:, None, None]) | (table[b] & (count >= 2)[:, None, None])
     return out

@@ -458,7 +458,9 @@ class MaskCutoutObjective(Objective):
     per axis (for a multi-shape threat such as ``area=24``, one shape per batch, drawn at
     random); masked pixels take ``fill``. The masks come from the data generator, so runs
     resume exactly and every DDP rank sees the same occlusions. Loss: cross-entropy of the
-    (spatially averaged) logits with ``label_smoothing``.
+    (spatially averaged) logits with ``label_smoothing``. ``centre_weight`` ``c`` draws these
+    random masks in proportion to :func:`patchcert.masks.centre_weights` (a mask centred on the
+    image weighs ``c``, the farthest ones 1; ``c = 1``, the default, is uniform).
 
     Distillation (``teacher``: a shipped model name or a checkpoint path): the teacher's soft
     targets are taken from the *unmasked* image, and the loss becomes
@@ -481,10 +483,10 @@ class MaskCutoutObjective(Objective):
     def __init__(self, model: nn.Module, image_size: tuple[int, int], patch: str = "5x5", k: int = 6,
                  probs: Sequence[float] = (0.2, 0.3, 0.5), fill: float = 0.5, label_smoothing: float = 0.0,
                  greedy_fraction: float = 0.0, greedy_candidates: int = 8, teacher: str | None = None,
-                 distill_weight: float = 0.5, distill_temperature: float = 4.0) -> None:
+                 distill_weight: float = 0.5, distill_temperature: float = 4.0, centre_weight: float = 1.0) -> None:
         super().__init__(model, image_size)
         from ..geometry import parse_patch
-        from ..masks import mask_set
+        from ..masks import centre_weights, mask_set
 
         try:
             shapes = parse_patch(patch).shapes(image_size)
@@ -512,6 +514,9 @@ class MaskCutoutObjective(Objective):
             raise PatchcertError(f"objective 'mask_cutout': greedy_candidates must be a positive int, "
                                  f"got {greedy_candidates!r}")
         self.greedy_candidates = greedy_candidates
+        self.centre_weight = _number("mask_cutout centre_weight", centre_weight, lo=0.0, strict_lo=True)
+        self.mask_weights = (None if self.centre_weight == 1 else
+                             [centre_weights(m, self.centre_weight) for m in self.mask_sets])
         self._init_teacher(model, teacher, distill_weight, distill_temperature)
         self.refines = self.greedy_fraction > 0 or self.teacher is not None
 
@@ -557,7 +562,8 @@ class MaskCutoutObjective(Objective):
         from ..masks import apply_masks, random_masks
 
         j = int(torch.randint(0, len(self.mask_sets), (1,), generator=generator)) if len(self.mask_sets) > 1 else 0
-        m = random_masks(self.mask_sets[j], x.shape[0], self.probs, generator)
+        w = None if self.mask_weights is None else self.mask_weights[j]
+        m = random_masks(self.mask_sets[j], x.shape[0], self.probs, generator, weights=w)
         return apply_masks(x, m, self.fill)
 
     @torch.no_grad()
@@ -618,6 +624,8 @@ class MaskCutoutObjective(Objective):
         d = {"name": self.name, "patch": self.patch, "k": self.k, "probs": self.probs, "fill": self.fill,
              "label_smoothing": self.label_smoothing, "masks_per_shape": [len(m) for m in self.mask_sets],
              "greedy_fraction": self.greedy_fraction, "greedy_candidates": self.greedy_candidates}
+        if self.centre_weight != 1:  # (absent when uniform: runs made before the option describe themselves unchanged)
+            d["centre_weight"] = self.centre_weight
         if self.teacher is not None:
             d.update(teacher=self.teacher_name, distill_weight=self.distill_weight,
                      distill_temperature=self.distill_temperature)
