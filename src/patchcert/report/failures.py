@@ -153,9 +153,10 @@ def plot_mask_failures(run: CertifyRunData, out_dir: str | os.PathLike) -> list[
     axes = fig.subplots(1, len(tallies), squeeze=False)[0]
     for (f, d), ax in zip(tallies, axes):
         masks = d.masks.boolean()  # [M, H, W]
+        sizes = torch.tensor([len(ms) for ms in f.one_mask_sets], dtype=torch.long)
         chosen = torch.zeros(len(f.one_mask_sets), masks.shape[0], dtype=torch.float64)  # [failures, M]
-        for i, ms in enumerate(f.one_mask_sets):
-            chosen[i, list(ms)] = 1.0
+        chosen[torch.repeat_interleave(torch.arange(len(sizes)), sizes),
+               torch.tensor([m for ms in f.one_mask_sets for m in ms], dtype=torch.long)] = 1.0
         # per failure, the union of its disagreeing masks; summed over failures
         heat = ((chosen @ masks.flatten(1).double()) > 0).double().sum(0).view(masks.shape[1:])
         im = ax.imshow((100 * heat / f.one_mask).numpy(), cmap="magma", interpolation="nearest", vmin=0)
