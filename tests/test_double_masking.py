@@ -464,3 +464,120 @@ def test_channels_last_is_an_option_of_the_deployed_defense():
     from patchcert.defenses.double_masking import masked_prediction_table
 
     assert torch.equal(masked_prediction_table(m, x, ms, channels_last=True), masked_prediction_table(m, x, ms))
+
+
+# -- flip: the flip-averaged classifier ---------------------------------------------------------
+
+
+class LiteralFlip(nn.Module):
+    """The reference flip-averaged classifier: two separate passes, image and mirror image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return (self.model(x).flatten(1) + self.model(torch.flip(x, dims=[3])).flatten(1)) / 2
+
+
+def test_flip_averaged_is_the_mean_of_the_image_and_mirror_passes():
+    from patchcert.defenses.double_masking import FlipAveraged
+    from patchcert.models import create_model
+
+    x = _tiny_images(5, 7, 0)
+    m = ExactNet(3)
+    assert torch.equal(FlipAveraged(m)(x), LiteralFlip(m)(x).float())
+    torch.manual_seed(0)
+    f = create_model("fastnet_cifar", widths=[4, 8, 8], stem=4, num_classes=3).eval()
+    xs = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = (f(xs).mean((2, 3)) + f(xs.flip(-1)).mean((2, 3))) / 2
+        got = FlipAveraged(f)(xs)
+        got_cl = FlipAveraged(f)(xs.contiguous(memory_format=torch.channels_last))
+    assert got.shape == (4, 3) and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got_cl, want, atol=1e-5)
+    # a mirror-symmetric image gets the model's own logits
+    sym = torch.cat((xs[..., :16], xs[..., :16].flip(-1)), -1)
+    with torch.no_grad():
+        assert torch.allclose(FlipAveraged(f)(sym), f(sym).mean((2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flip_table_prediction_and_certificate_match_literal_reference(seed):
+    x = _tiny_images(12, 7, seed)
+    model = ExactNet(seed + 20).calibrate(x)
+    ms = mask_set((7, 7), (2, 2), 3)
+    d = DoubleMasking(k=3, patch="2x2", flip=True).bind(ms)
+    d.batch_size = 5
+    ref_model = LiteralFlip(model)
+    full = d.table(model, x)
+    assert torch.equal(full, literal_table(ref_model, x, ms, 0.5))
+    assert not torch.equal(full, literal_table(model, x, ms, 0.5)), "flip must change some prediction here"
+    ref = [literal_predict(ref_model, x[i], ms, 0.5) for i in range(len(x))]
+    assert predict_from_table(full).tolist() == ref
+    labels = torch.tensor(ref)
+    early = d.compute_evidence(model, x, None, labels)
+    assert d.predict_evidence(early).tolist() == ref
+    assert certify_from_table(early, labels).tolist() == [bool((full[i] == labels[i]).all()) for i in range(len(x))]
+    assert d.predict_images(model, x).tolist() == ref
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_exhaustive_patch_attack_never_flips_a_certified_example_with_flip(seed):
+    """As the exhaustive test above, for the flip-averaged classifier: every binary 2x2 patch
+    at every placement, judged by the literal double masking on the literal flip classifier."""
+    size, patch = 6, (2, 2)
+    x = _tiny_images(40, size, seed + 7)
+    model = ExactNet(300 + seed).calibrate(x)
+    ms = mask_set((size, size), patch, 3)
+    d = DoubleMasking(k=3, flip=True).bind(ms)
+    tab = d.table(model, x)
+    labels = predict_from_table(tab)
+    cert = certify_from_table(tab, labels)
+    assert 0 < int(cert.sum()) < len(x), "the test needs both certified and uncertified examples"
+    ref_model = LiteralFlip(model)
+    contents = [torch.tensor(c, dtype=torch.float64).view(1, 2, 2) for c in itertools.product([0.0, 1.0], repeat=4)]
+    flipped_uncertified = 0
+    for n in range(len(x)):
+        for top in range(size - 1):
+            for left in range(size - 1):
+                for c in contents:
+                    xp = x[n].clone()
+                    xp[:, top:top + 2, left:left + 2] = c
+                    p = literal_predict(ref_model, xp, ms, 0.5)
+                    if bool(cert[n]):
+                        assert p == int(labels[n]), (n, top, left, c)
+                    elif p != int(labels[n]):
+                        flipped_uncertified += 1
+    assert flipped_uncertified > 0
+
+
+def test_pgd_attack_on_the_flip_classifier_never_breaks_a_certified_example():
+    from patchcert.attacks.pixels import attack_double_masking
+
+    x = _tiny_images(30, 6, 12)
+    model = ExactNet(212).calibrate(x)
+    ms = mask_set((6, 6), (2, 2), 3)
+    d = DoubleMasking(k=3, flip=True)
+    labels = predict_from_table(d.bind(ms).table(model, x))
+    res = attack_double_masking(model, x, labels, d, ms, (2, 2), steps=10, step_size=0.25, n_random=3)
+    assert res.soundness_failures == []
+    assert bool(res.certified.any()) and bool((~res.robust).any())
+    for n in (n for n, p in enumerate(res.placement) if p is not None):
+        assert literal_predict(LiteralFlip(model), res.adv_images[n], ms, 0.5) == int(res.adv_pred[n]) != int(labels[n])
+
+
+def test_flip_is_an_option_of_the_deployed_defense():
+    import patchcert
+
+    d = patchcert.create_defense("double-masking", k=2, flip=True, bf16=True)
+    assert d.key == "double-masking(k=2,bf16,flip)" and d.config["flip"] is True
+    assert "flip" not in patchcert.create_defense("double-masking", k=2).config  # earlier runs' configs unchanged
+    with pytest.raises(patchcert.PatchcertError, match="flip must be true or false"):
+        patchcert.create_defense("double-masking", flip="yes")
+    from patchcert.specs import parse_defense_spec
+
+    spec = parse_defense_spec("double-masking:k=6,flip=true")
+    assert patchcert.create_defense(spec.name, **spec.params).key == "double-masking(k=6,flip)"
+    m = ExactNet(1)
+    assert d.classifier(m) is not m and patchcert.create_defense("double-masking").classifier(m) is m

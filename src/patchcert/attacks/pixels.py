@@ -124,6 +124,7 @@ def attack_pixels(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, defen
     adv_pred = pred.clone()
     placement: list[tuple[int, int] | None] = [None] * x.shape[0]
     adv_images: dict[int, torch.Tensor] = {}
+    clf = defense.classifier(model)  # the attack climbs the loss of the classifier the defense runs
     n_rand = n_random if n_random is not None else (locations or 1)
     cands = defense.attack_placements(evidence, labels, (ph, pw), n_rand, g)
     attempts, spent = [0] * x.shape[0], [0] * x.shape[0]
@@ -134,7 +135,7 @@ def attack_pixels(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, defen
             for _ in range(restarts):
                 spent[n] += steps
                 with torch.enable_grad():
-                    xa = _pgd(model, x[n:n + 1], labels[n:n + 1], top, left, (ph, pw), others, defense.fill, steps,
+                    xa = _pgd(clf, x[n:n + 1], labels[n:n + 1], top, left, (ph, pw), others, defense.fill, steps,
                               step_size, objective, g)
                 with torch.no_grad():
                     p = int(defense.predict_images(model, xa)[0])

@@ -16,7 +16,8 @@ masks (:mod:`patchcert.masks`) and ``T[i, j]`` the prediction on the image maske
   image patched within the threat is ``y``.
 
 The model's prediction on a masked image is ``argmax`` of its logits (ties to the lowest
-class). The certificate assumes the deployed defense evaluates the model exactly as the
+class). With ``flip=true`` the classifier is :class:`FlipAveraged`: the mean of the model's
+logits on the masked image and on its mirror image (the certificate is for that classifier). The certificate assumes the deployed defense evaluates the model exactly as the
 table was computed (same weights, precision and device); :func:`masked_prediction_table`
 records which precision it used.
 """
@@ -54,6 +55,7 @@ __all__ = [
     "UNKNOWN",
     "covers",
     "double_masking_predict",
+    "FlipAveraged",
 ]
 
 
@@ -117,6 +119,30 @@ def _predict_masked(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, fill
     if not torch.isfinite(out).all():
         raise PatchcertError("double masking: the model returned non-finite logits")
     return out.argmax(1)
+
+
+class FlipAveraged(nn.Module):
+    """A classifier from ``model``: the mean of its logits (a score map is averaged over its
+    cells first) on the images and on their mirror images (left-right), in float32 ->
+    ``[N, K]``. Both halves run as one batch of ``2N``; the input's memory layout is kept.
+
+    Double masking certifies any classifier, so it certifies this one: the masks are applied
+    to the image, and the classifier sees the masked image and its mirror. A test-time
+    augmentation made part of the model, at twice the cost of a forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = torch.cat((x, x.flip(-1)))
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            both = both.contiguous(memory_format=torch.channels_last)
+        out = self.model(both).float()
+        if out.dim() == 4:
+            out = out.mean((2, 3))
+        n = x.shape[0]
+        return (out[:n] + out[n:]) / 2
 
 
 @torch.no_grad()
@@ -327,6 +353,8 @@ class DoubleMasking(PixelDefense):
     ``channels_last``: hand masked batches to the model in NHWC layout (1.45x the throughput of
     the shipped CIFAR model on this project's CPU in bf16, ``benchmarks/double_masking.md``);
     a different layout may round differently, so it is part of the deployed defense and its key.
+    ``flip``: the classifier is :class:`FlipAveraged` (the model's logits on the masked image and
+    on its mirror image, averaged): twice the cost; part of the key (a different classifier).
     ``batch_size``: masked images per forward pass (not part of the defense: it changes no
     prediction, only the speed; measured flat from 128 to 512 on the CPU).
     """
@@ -334,7 +362,7 @@ class DoubleMasking(PixelDefense):
     eval_images = 64  # a training evaluation certifies 64 images spread over the evaluation set
 
     def __init__(self, k: int = 6, fill: float = 0.5, patch: str | None = None, bf16: bool = False,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, flip: bool = False) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PatchcertError(f"double-masking: k must be a positive int, got {k!r}")
         if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 <= float(fill) <= 1.0:
@@ -352,7 +380,10 @@ class DoubleMasking(PixelDefense):
             raise PatchcertError(f"double-masking: bf16 must be true or false, got {bf16!r}")
         if not isinstance(channels_last, bool):
             raise PatchcertError(f"double-masking: channels_last must be true or false, got {channels_last!r}")
+        if not isinstance(flip, bool):
+            raise PatchcertError(f"double-masking: flip must be true or false, got {flip!r}")
         self.k, self.fill, self.patch, self.bf16, self.channels_last = k, float(fill), patch, bf16, channels_last
+        self.flip = flip
         self.batch_size = 512
         self._ms: MaskSet | None = None
 
@@ -369,6 +400,8 @@ class DoubleMasking(PixelDefense):
         p = {"k": self.k, "fill": self.fill, "patch": self.patch, "bf16": self.bf16}
         if self.channels_last:  # only when on: the configs of earlier runs stay as they were
             p["channels_last"] = True
+        if self.flip:
+            p["flip"] = True
         return p
 
     @property
@@ -382,6 +415,8 @@ class DoubleMasking(PixelDefense):
             parts.append("bf16")
         if self.channels_last:
             parts.append("channels_last")
+        if self.flip:
+            parts.append("flip")
         return f"double-masking({','.join(parts)})"
 
     # -- building for a threat ---------------------------------------------------------
@@ -448,12 +483,18 @@ class DoubleMasking(PixelDefense):
         if model is None or images is None:
             raise PatchcertError(f"{self.key} works on images and needs the model (a score file holds no "
                                  "masked predictions)")
-        return settled_table(model, images, self.masks, labels, self.fill, self.batch_size, self.bf16,
-                             self.channels_last)
+        return settled_table(self.classifier(model), images, self.masks, labels, self.fill, self.batch_size,
+                             self.bf16, self.channels_last)
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        """The classifier the defense runs on masked images: the model, or with ``flip`` the
+        model averaged with its mirror-image pass (:class:`FlipAveraged`)."""
+        return FlipAveraged(model) if self.flip else model
 
     def table(self, model: nn.Module, x: torch.Tensor, ms: MaskSet | None = None) -> torch.Tensor:
         """The full table (every pair), e.g. for a report."""
-        return masked_prediction_table(model, x, ms or self.masks, self.fill, batch_size=self.batch_size,
+        return masked_prediction_table(self.classifier(model), x, ms or self.masks, self.fill,
+                                       batch_size=self.batch_size,
                                        bf16=self.bf16, channels_last=self.channels_last)
 
     def predict_evidence(self, evidence: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,11 @@ class PixelDefense(Defense):
         """Shapes of a threat this defense can never certify (a run warns about them)."""
         return []
 
+    def classifier(self, model: Any) -> Any:
+        """The classifier the defense evaluates (masked) images with; the attack climbs its
+        loss. Default: the model itself (double masking with ``flip``: the flip-averaged model)."""
+        return model
+
     @torch.no_grad()
     def predict_images(self, model: Any, images: torch.Tensor) -> torch.Tensor:
         """The deployed defense on images ``[N, C, H, W]`` -> long ``[N]``."""
