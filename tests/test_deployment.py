@@ -92,25 +92,33 @@ def test_cli_certify_uses_the_checkpoint_deployment(tmp_path, capsys):
 
 
 def test_shipped_doublemask_records_its_measured_deployment(shared_data):
-    """The shipped model (v4) carries the measurement behind its bf16 + channels_last default, and
-    on a few test images that deployment gives float32's predictions and certificates (the
-    session-9 measurement: 0 of 128 differ); v3 and v2 keep their own measurements, v1 none."""
+    """The shipped model (v5, a weight average of v4 and two fine-tunes of it) carries the
+    measurement behind its bf16 + channels_last + flip default and the files it averages, and on
+    a few test images that deployment gives float32's predictions and certificates (the
+    session-11 measurement: 0 of 128 differ); v4, v3 and v2 keep their own measurements, v1 none."""
+    from patchcert.checkpoint import file_sha256
     from patchcert.data import load_dataset
-    from patchcert.pretrained import load_pretrained
+    from patchcert.pretrained import load_pretrained, pretrained_path
 
     model = load_pretrained("doublemask_cifar10")
     dep = model.checkpoint_meta["deployment"]["double-masking"]
-    assert dep["options"] == {"bf16": True, "channels_last": True} and "0 of 128" in dep["evidence"]
+    assert dep["options"] == {"bf16": True, "channels_last": True, "flip": True} and "0 of 128" in dep["evidence"]
+    assert "session 11" in dep["evidence"] and "v5_agree128" in dep["evidence"]
+    soup = model.checkpoint_meta["soup"]["inputs"]
+    assert [s["file"] for s in soup] == ["doublemask_cifar10_v4.safetensors", "model.safetensors", "model.safetensors"]
+    assert soup[0]["sha256"] == file_sha256(pretrained_path("doublemask_cifar10_v4"))
     assert "deployment" not in load_pretrained("doublemask_cifar10_v1").checkpoint_meta
-    assert "session 9" in dep["evidence"] and "greedy_ft2_agree128" in dep["evidence"]
+    v4 = load_pretrained("doublemask_cifar10_v4").checkpoint_meta["deployment"]["double-masking"]
+    assert v4["options"] == {"bf16": True, "channels_last": True}
+    assert "session 9" in v4["evidence"] and "greedy_ft2_agree128" in v4["evidence"]
     v3 = load_pretrained("doublemask_cifar10_v3").checkpoint_meta["deployment"]["double-masking"]
-    assert v3["options"] == dep["options"] and "session 8" in v3["evidence"] and "session 9" not in v3["evidence"]
+    assert v3["options"] == v4["options"] and "session 8" in v3["evidence"] and "session 9" not in v3["evidence"]
     v2 = load_pretrained("doublemask_cifar10_v2").checkpoint_meta["deployment"]["double-masking"]
-    assert v2["options"] == dep["options"] and "session 8" not in v2["evidence"] and "session 9" not in v2["evidence"]
+    assert v2["options"] == v4["options"] and "session 8" not in v2["evidence"] and "session 9" not in v2["evidence"]
     data = load_dataset("cifar10", shared_data, train=False)
     run = certify_dataset(model, data, defenses=["double-masking", "double-masking:bf16=false,channels_last=false"],
                           patches=["5x5"], num_examples=4, batch_size=4, square_cap=0)
-    fast, exact = "double-masking(k=6,bf16,channels_last)", "double-masking(k=6)"
+    fast, exact = "double-masking(k=6,bf16,channels_last,flip)", "double-masking(k=6,flip)"
     for r in run.records:
         assert r.defenses[fast].pred == r.defenses[exact].pred
         assert r.defenses[fast].certified == r.defenses[exact].certified
