@@ -10,8 +10,9 @@ It is written here from that description (a straightforward loop), with patchcer
 and fill so that both sides compute the same defense.
 
 patchcert's side is the library call behind ``patchcert certify --defense double-masking:k=K``
-(with the model's measured deployment options, e.g. bf16 + channels_last for the shipped
-``doublemask_cifar10``; ``resolved_defense`` in the output names what ran): ``certify_dataset``
+(with the model's measured deployment options, e.g. bf16 + channels_last + flip for the shipped
+``doublemask_cifar10``; ``resolved_defense`` in the output names what ran; with flip the loop
+runs the mirror image as a second pass per mask pair): ``certify_dataset``
 with the given ``--defense`` spec, no largest-square search, timed end to end: the expensive pass
 and every certificate and record.
 
@@ -32,8 +33,18 @@ from pathlib import Path
 import torch
 
 
-def pair_loop(model, x, labels, rects, fill: float, batch: int, bf16: bool):
-    """Official-style: per batch of images, one forward pass per unordered mask pair."""
+def _logits(model, xm, flip: bool):
+    out = model(xm).float()
+    out = out.mean((2, 3)) if out.dim() == 4 else out
+    if flip:  # the flip classifier: the mirror image in a second pass, logits averaged
+        mir = model(xm.flip(-1)).float()
+        out = (out + (mir.mean((2, 3)) if mir.dim() == 4 else mir)) / 2
+    return out
+
+
+def pair_loop(model, x, labels, rects, fill: float, batch: int, bf16: bool, flip: bool = False):
+    """Official-style: per batch of images, one forward pass per unordered mask pair (two with
+    ``flip``: the defense then certifies the mean of the logits on the image and its mirror)."""
     n, _, h, w = x.shape
     m = len(rects)
     masks = torch.zeros(m, h, w, dtype=torch.bool)
@@ -48,8 +59,7 @@ def pair_loop(model, x, labels, rects, fill: float, batch: int, bf16: bool):
                 keep = ~(masks[i] | masks[j])
                 xm = torch.where(keep, xb, torch.tensor(fill, dtype=xb.dtype))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = model(xm)
-                p = out.float().flatten(1).argmax(1)
+                    p = _logits(model, xm, flip).argmax(1)
                 table[s:s + batch, i, j] = p
                 table[s:s + batch, j, i] = p
     certified = (table == labels[:, None, None]).flatten(1).all(1)
@@ -95,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = parse_patch(args.patch).shapes(size)
     ms = union_mask_set(size, shapes, args.k)
     spec = args.defense or f"double-masking:k={args.k}"  # what `patchcert certify --defense double-masking` runs
+    from patchcert.runs.source import deployment_options
+    from patchcert.specs import parse_defense_spec
+
+    # the loop computes the same classifier: flip as the spec or the model's measured deployment says
+    flip = bool(parse_defense_spec(spec).params.get(
+        "flip", deployment_options(model).get("double-masking", {}).get("flip", False)))
 
     def run_loop():
-        return pair_loop(model, x, y, ms.rects, 0.5, args.loop_batch, args.loop_dtype == "bf16")
+        return pair_loop(model, x, y, ms.rects, 0.5, args.loop_batch, args.loop_dtype == "bf16", flip)
 
     def run_pc():
         run = certify_dataset(model, (x, y), defenses=[spec], patches=[args.patch], square_cap=0, device="cpu",
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "model": args.model, "n": args.num_examples, "start": args.start, "k": args.k, "masks": len(ms),
         "pairs": len(ms) * (len(ms) + 1) // 2, "patch": args.patch, "defense": spec,
-        "resolved_defense": summary.results[0].defense,
+        "resolved_defense": summary.results[0].defense, "loop_flip": flip,
         "loop_dtype": args.loop_dtype, "loop_batch": args.loop_batch, "certify_batch": args.certify_batch,
         "threads": args.threads, "loop_s": t_loop, "patchcert_s": t_pc, "ratios": ratios,
         "ratio_median": statistics.median(ratios), "loop_ms_per_image": 1000 * min(t_loop) / args.num_examples,
