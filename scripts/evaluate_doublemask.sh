@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 18's evaluation of the shipped doublemask_cifar10 (v4 since session 9; v3 is doublemask_cifar10_v3, v2 doublemask_cifar10_v2) on CIFAR-10 (re-encoded copy). Writes runs/dm-*/
+# Issue 18's evaluation of the shipped doublemask_cifar10 (v5 since session 11; v4 is doublemask_cifar10_v4, v3 doublemask_cifar10_v3, v2 doublemask_cifar10_v2) on CIFAR-10 (re-encoded copy). Writes runs/dm-*/
 # Every step is resumable: rerun the script after an interruption (certify/attack --resume continue their folders).
 set -euo pipefail
 export PATCHCERT_DATA="${PATCHCERT_DATA:-../shared/data}"
 N_ATTACK="${N_ATTACK:-200}"
-# 1. all 10,000 test images, double masking as deployed (the checkpoint's measured bf16 + channels_last), ~1 h
+# 1. all 10,000 test images, double masking as deployed (the checkpoint's measured bf16 + channels_last + flip), ~2 h 20 min
 patchcert certify --model doublemask_cifar10 --defense double-masking --patch 5x5 --square-cap 0 -n 10000 \
   --out runs/dm-all --resume --no-progress
 # 2. the pilots' 256 random images (the comparison with v1 and every pilot, docs/experiments.md)

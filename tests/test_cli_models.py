@@ -96,3 +96,13 @@ def test_pretrained_models_are_listed(capsys, shipped):
     assert "eval_clean_acc=0.8123" in out and "eval_cert_acc=0.4567" in out
     assert "patchcert train model=bagcert_cifar" in out and "objective=bagcert" in out
     assert "patchcert convert bagnet16.pth.tar" in out and "imagenette" in out
+
+
+def test_shipped_models_show_their_measured_deployment(capsys):
+    """The real weights folder: v5 lists the deployment its checkpoint measured; v1 has none."""
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("\ndoublemask_cifar10\n", 1)[1].split("\n\n")[0].split("\ndoublemask_cifar10_v1")[0]
+    assert "deployment: double-masking:bf16=true,channels_last=true,flip=true" in block
+    v1 = out.split("\ndoublemask_cifar10_v1\n", 1)[1].split("\ndoublemask_cifar10_v2")[0]
+    assert "deployment:" not in v1

@@ -116,6 +116,20 @@ def _training(meta: dict) -> str:
     return "-"
 
 
+def _deployment(meta: dict) -> str:
+    """The measured deployment options per defense (``checkpoint_meta["deployment"]``), or ''."""
+    dep = meta.get("deployment")
+    if not isinstance(dep, dict):
+        return ""
+    parts = []
+    for name, entry in dep.items():
+        opts = entry.get("options") if isinstance(entry, dict) else None
+        if isinstance(opts, dict) and opts:
+            parts.append(f"{name}:" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                               for k, v in opts.items()))
+    return "; ".join(parts)
+
+
 def _epochs(meta: dict) -> str:
     done = _first(meta, "epochs", "epoch")
     tc = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
@@ -156,8 +170,12 @@ def run(args: argparse.Namespace) -> int:
         arch = str(_first(meta, "arch") or "-") + (f" {json.dumps(cfg, sort_keys=True)}" if cfg else "")
         name = str(d.get("name", "?")) + (" (default)" if d.get("default") else "")
         out.append(name)
-        for label, text in (("arch", arch), ("data", _data(meta)), ("epochs", _epochs(meta)),
-                            ("accuracy", _accuracy(meta)), ("training", _training(meta))):
+        rows = [("arch", arch), ("data", _data(meta)), ("epochs", _epochs(meta)),
+                ("accuracy", _accuracy(meta)), ("training", _training(meta))]
+        dep = _deployment(meta)
+        if dep:
+            rows.append(("deployment", dep))
+        for label, text in rows:
             out += _wrap(f"{label}: {text}", width)
     print("\n".join(out))
     return 0
