@@ -36,8 +36,10 @@ score map is one cell, e.g. --model doublemask_cifar10):
   double-masking:k=6,fill=0.5       PatchCleanser double masking on pixels, any classifier:
                                     k masks per axis, masked pixels = fill; patch=5x5 (the
                                     threat its mask set is built for; default: the --patch
-                                    threats); bf16=true runs the masked images in bf16
-                                    (default defense for a global-receptive-field model)
+                                    threats); bf16=true runs the masked images in bf16;
+                                    flip=true certifies the mean of the logits on the image
+                                    and its mirror (default defense for a global-receptive-
+                                    field model; a checkpoint's measured options apply)
 patch specs (--patch, repeatable; default: 5x5):
   5x5 | 24x1 | 5 (square) | 2% (square covering 2% of the image) | area=24 (every rectangle
   of 24 pixels; certified = against all of them, per-rectangle results in the records)

@@ -17,9 +17,10 @@ masks (:mod:`patchcert.masks`) and ``T[i, j]`` the prediction on the image maske
 
 The model's prediction on a masked image is ``argmax`` of its logits (ties to the lowest
 class). With ``flip=true`` the classifier is :class:`FlipAveraged`: the mean of the model's
-logits on the masked image and on its mirror image (the certificate is for that classifier). The certificate assumes the deployed defense evaluates the model exactly as the
-table was computed (same weights, precision and device); :func:`masked_prediction_table`
-records which precision it used.
+logits on the masked image and on its mirror image (the certificate is for that classifier).
+The certificate assumes the deployed defense evaluates the model exactly as the table was
+computed (same weights, precision and device); :func:`masked_prediction_table` records which
+precision it used.
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ class DoubleMasking(PixelDefense):
     the shipped CIFAR model on this project's CPU in bf16, ``benchmarks/double_masking.md``);
     a different layout may round differently, so it is part of the deployed defense and its key.
     ``flip``: the classifier is :class:`FlipAveraged` (the model's logits on the masked image and
-    on its mirror image, averaged): twice the cost; part of the key (a different classifier).
+    on its mirror image, averaged): twice the cost; part of the key (a different classifier);
+    the model then sees ``2 * batch_size`` images per pass.
     ``batch_size``: masked images per forward pass (not part of the defense: it changes no
     prediction, only the speed; measured flat from 128 to 512 on the CPU).
     """
