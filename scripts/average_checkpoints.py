@@ -60,12 +60,14 @@ def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict]:
     return out, meta
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, help="the averaged checkpoint (must not exist: nothing is overwritten)")
     ap.add_argument("inputs", type=Path, nargs="+")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     try:
+        if a.out.exists():
+            raise PatchcertError(f"average: {a.out} exists; choose a new file (nothing is overwritten)")
         tensors, meta = average(a.inputs)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(a.out, tensors, meta)

@@ -54,13 +54,7 @@ def test_average_of_copies_is_the_model_and_loads(tmp_path):
     mod = _script()
     a = _ckpt(tmp_path / "a.safetensors", 5)
     out_path = tmp_path / "soup" / "model.safetensors"
-    import sys
-
-    argv, sys.argv = sys.argv, ["average_checkpoints.py", str(out_path), str(a), str(a)]
-    try:
-        assert mod.main() == 0
-    finally:
-        sys.argv = argv
+    assert mod.main([str(out_path), str(a), str(a)]) == 0
     t, _ = load_tensors(out_path)
     t0, _ = load_tensors(a)
     assert all(torch.equal(t[k], t0[k]) for k in t0)
@@ -86,17 +80,15 @@ def test_mismatched_inputs_are_one_line_errors(tmp_path, other, match):
 
 
 def test_cli_error_exits_non_zero_with_one_line(tmp_path, capsys):
-    import sys
-
     mod = _script()
     a = _ckpt(tmp_path / "a.safetensors", 1)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    argv, sys.argv = sys.argv, ["average_checkpoints.py", str(tmp_path / "o.safetensors"), str(a), str(bad)]
-    try:
-        assert mod.main() == 2
-    finally:
-        sys.argv = argv
+    assert mod.main([str(tmp_path / "o.safetensors"), str(a), str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "o.safetensors").exists()
+    # an existing output is never overwritten (it may be someone's run)
+    before = a.read_bytes()
+    assert mod.main([str(a), str(a), str(a)]) == 2
+    assert "exists" in capsys.readouterr().err and a.read_bytes() == before
