@@ -6,7 +6,8 @@ For each run: the per-epoch evaluation of the training log (double masking k = 6
 64 test images spread over the first 1,000: noisy, +-6 points) as a thin line, the run's final
 ``patchcert certify`` evaluation on the pilots' 256 images (``*_summary.json``) as a large dot,
 and its evaluations on more images (``MORE``: 1,024 random or all 10,000 test images, the figure
-that counts; the 256 run about 4-7 points high) as stars. The x axis is training compute,
+that counts; the 256 run about 4-7 points high) as stars; weight averages (``SOUPS``) as stars
+(with flip) and plus signs (without) at their ingredients' summed compute. The x axis is training compute,
 3 x 2 x forward MACs per image x images seen, plus the extra forward passes of greedy cutout (2 rounds x the candidates per greedy image) and of a
 distillation teacher (1 per image); a run initialised from another model starts at that
 model's compute (the whole chain: a second fine-tune starts at the first one's end). The table
@@ -44,7 +45,7 @@ RUNS = [
     ("v3 = v2 + 20-ep Greedy Cutout fine-tune (1/4 greedy)", "docs/doublemask_cifar10_greedy_ft_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft_cert256_summary.json", 12 * 0.25,
      "docs/doublemask_cifar10_long_train_log.csv"),
-    ("shipped v4 = v3 + 12-ep Greedy Cutout round 2 (1/2 greedy)", "docs/doublemask_cifar10_greedy_ft2_train_log.csv",
+    ("v4 = v3 + 12-ep Greedy Cutout round 2 (1/2 greedy)", "docs/doublemask_cifar10_greedy_ft2_train_log.csv",
      {"widths": [64, 256, 256], "stem": 32}, "docs/pilots/greedy_ft2_cert256_summary.json", 12 * 0.5,
      "docs/doublemask_cifar10_greedy_ft_train_log.csv"),
     ("v4 + 10-ep self-distillation (teacher v4), same greedy share; not shipped: +0.2 on the 1,024 (n.s.)",
@@ -63,6 +64,19 @@ MORE = {
     "docs/doublemask_cifar10_distill_ft_train_log.csv": ["docs/pilots/distill_ft_cert1024_summary.json"],
     "docs/doublemask_cifar10_centre_ft_train_log.csv": ["docs/pilots/centre_ft_cert1024_summary.json"],
 }
+
+# Weight averages (no training of their own): drawn at the sum of their ingredients' compute (the
+# first ingredient's whole chain plus each other fine-tune's own part), as stars; the evaluations
+# are (label suffix, summary) pairs: the same weights without and with flip (flip doubles the cost
+# of certification, not of training).
+SOUPS = [
+    ("shipped v5 = mean of the weights of v4, the distill and the centre fine-tunes",
+     ["docs/doublemask_cifar10_greedy_ft2_train_log.csv", "docs/doublemask_cifar10_distill_ft_train_log.csv",
+      "docs/doublemask_cifar10_centre_ft_train_log.csv"],
+     [("no flip", "docs/pilots/v5_soup_cert1024_summary.json"),
+      ("flip", "docs/pilots/v5_soupflip_cert1024_summary.json"),
+      ("flip", "docs/results/dm_v5_all10k/summary.json")]),
+]
 
 
 def final(path: str | None) -> tuple[float, float, int] | None:
@@ -120,6 +134,27 @@ def main() -> int:
                 continue
             ax.plot([x[-1]], [100 * m[1]], "*", ms=11, color=color, markeredgecolor="black", markeredgewidth=0.5)
             lines.append(f"| (same run) | | | | | {m[2]} | {100 * m[0]:.1f}% | {100 * m[1]:.1f}% |")
+    for label, logs, evals in SOUPS:
+        if not all(log in totals for log in logs):
+            continue
+        base = totals[logs[0]]
+        inits = {log: init for _, log, _, _, _, init in RUNS}
+        own = [(totals[log][0] - totals[inits[log]][0], totals[log][1] - totals[inits[log]][1]) for log in logs[1:]]
+        t = base[0] + sum(o[0] for o in own)
+        flops = base[1] + sum(o[1] for o in own)
+        color = None
+        first = True
+        for suffix, summ in evals:
+            m = final(summ)
+            if m is None:
+                continue
+            marker = "*" if suffix == "flip" else "P"
+            line = ax.plot([flops], [100 * m[1]], marker, ms=11, color=color, markeredgecolor="black", markeredgewidth=0.5,
+                           label=f"{label}, {suffix}: {100 * m[1]:.1f}% ({m[2]} imgs)")[0]
+            color = line.get_color()
+            lines.append(f"| {label if first else '(same weights)'}, {suffix} | | {t:.1f} | {flops:.2f} | - | {m[2]} | "
+                         f"{100 * m[0]:.1f}% | {100 * m[1]:.1f}% |")
+            first = False
     ax.set_xscale("log")
     ax.set_xlabel("training compute (PFLOP, log scale; forward + backward + greedy / teacher passes)")
     ax.set_ylabel("certified accuracy, double masking k=6, 5x5 (%)")
@@ -128,7 +163,7 @@ def main() -> int:
     ax.legend(fontsize=6.5, loc="upper left")
     fig.suptitle("CIFAR-10 (re-encoded copy): double-masking models; lines: per-epoch 64-image evaluation, "
                  "dots: final evaluation (256 images),\nstars: the same model on 1,024 random or all 10,000 test images "
-                 "(the figure that counts); dotted: issue 18's goal", fontsize=8)
+                 "(the figure that counts; plus: the weight average without flip); dotted: issue 18's goal", fontsize=8)
     fig.tight_layout()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
