@@ -134,14 +134,12 @@ def main() -> int:
                 continue
             ax.plot([x[-1]], [100 * m[1]], "*", ms=11, color=color, markeredgecolor="black", markeredgewidth=0.5)
             lines.append(f"| (same run) | | | | | {m[2]} | {100 * m[0]:.1f}% | {100 * m[1]:.1f}% |")
+    inits = {log: init for _, log, _, _, _, init in RUNS}
     for label, logs, evals in SOUPS:
         if not all(log in totals for log in logs):
             continue
-        base = totals[logs[0]]
-        inits = {log: init for _, log, _, _, _, init in RUNS}
-        own = [(totals[log][0] - totals[inits[log]][0], totals[log][1] - totals[inits[log]][1]) for log in logs[1:]]
-        t = base[0] + sum(o[0] for o in own)
-        flops = base[1] + sum(o[1] for o in own)
+        # the first ingredient's whole chain plus each other ingredient's own part (its end minus its start)
+        t, flops = (totals[logs[0]][i] + sum(totals[log][i] - totals[inits[log]][i] for log in logs[1:]) for i in (0, 1))
         color = None
         first = True
         for suffix, summ in evals:
